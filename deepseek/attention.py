@@ -1,0 +1,139 @@
+"""Multi-Head Latent Attention (DeepSeek-V2 §2.1) and its latent KV cache.
+
+Notation follows the paper. For a hidden state h_t:
+
+    c_Q  = RMSNorm(W_DQ h)          q = W_UQ c_Q = [q_nope ; q_rope]        (per head)
+    c_KV = RMSNorm(W_DKV h)         k_nope = W_UK c_KV,  v = W_UV c_KV      (per head)
+    k_rope = RoPE(W_KR h)                                                  (one key, shared by all heads)
+    attention(q, [k_nope ; k_rope], v) with scale 1/sqrt(nope + rope)
+
+Training materialises per-head keys and values and calls scaled_dot_product_attention. Decoding never
+does: the cache holds only c_KV and k_rope, W_UK is folded into the query and W_UV is applied after
+attention over the latent ("weight absorption").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek.config import ModelConfig
+from deepseek.layers import RMSNorm, apply_rope
+
+# Both reference implementations (DeepSeek-V3's inference code and transformers) fix the epsilon of the
+# two latent norms at 1e-6 whatever rms_norm_eps says; we do the same so that weights move between them.
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentCache:
+    """What MLA keeps per generated token: the normalised latent c_KV and the rotated RoPE key.
+
+    One tensor of shape (num_layers, batch, max_len, kv_lora_rank + qk_rope_head_dim), so that the keys
+    of absorbed attention are a view of it, with no copy per step.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        if max_len > config.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds max_seq_len ({config.max_seq_len})")
+        self.kv_lora_rank = config.kv_lora_rank
+        self.data = torch.zeros(config.num_layers, batch_size, max_len,
+                                config.kv_lora_rank + config.qk_rope_head_dim, device=device, dtype=dtype)
+        self.length = 0  # tokens stored so far; the model advances it after each forward
+
+    @property
+    def max_len(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def values_per_token_per_layer(self) -> int:
+        return self.data.shape[-1]
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.data.shape[0] * self.data.shape[-1] * self.data.element_size()
+
+    def append(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+        """Store this layer's new entries at positions [length, length + seq); return all entries so far."""
+        end = self.length + latent.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"cache is full: {end} tokens do not fit in {self.max_len}")
+        self.data[layer, :, self.length:end] = torch.cat((latent, k_rope), dim=-1).to(self.data.dtype)
+        return self.data[layer, :, :end]
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.q_lora_rank = config.q_lora_rank
+        self.scale = config.qk_head_dim ** -0.5
+        qk_out = config.num_heads * config.qk_head_dim
+        if config.q_lora_rank == 0:
+            self.wq = nn.Linear(config.hidden_size, qk_out, bias=False)
+        else:
+            self.wq_a = nn.Linear(config.hidden_size, config.q_lora_rank, bias=False)  # W_DQ
+            self.q_norm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
+            self.wq_b = nn.Linear(config.q_lora_rank, qk_out, bias=False)  # W_UQ (and W_QR)
+        # W_DKV and W_KR in one matmul: the latent and the shared RoPE key both come from h.
+        self.wkv_a = nn.Linear(config.hidden_size, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
+        # W_UK and W_UV stacked per head: rows [head, nope + v].
+        self.wkv_b = nn.Linear(config.kv_lora_rank, config.num_heads * (config.qk_nope_head_dim + config.v_head_dim),
+                               bias=False)
+        self.wo = nn.Linear(config.num_heads * config.v_head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x: (batch, seq, hidden). cos, sin: RoPE tables for the positions of x."""
+        batch, seq, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_rope = q.view(batch, seq, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+
+        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_norm(latent)
+        k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # one key for all heads
+
+        if cache is None:
+            out = self._attend_expanded(q_nope, q_rope, latent, k_rope)
+        else:
+            out = self._attend_absorbed(q_nope, q_rope, cache.append(layer, latent, k_rope), cache.length)
+        return self.wo(out.reshape(batch, seq, -1))
+
+    def _attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
+                         k_rope: torch.Tensor) -> torch.Tensor:
+        """Training path: up-project the latent to per-head keys and values, causal SDPA."""
+        batch, seq, heads, _ = q_nope.shape
+        k_nope, v = self.wkv_b(latent).view(batch, seq, heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(-1, -1, heads, -1)), dim=-1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, scale=self.scale)
+        return out.transpose(1, 2)  # (batch, seq, heads, v_dim)
+
+    def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor,
+                         start: int) -> torch.Tensor:
+        """Decoding path over the cache (batch, cached_len, kv_lora_rank + rope_dim), queries at start.
+
+        q_nope . (W_UK c) = (W_UK^T q_nope) . c, so the query moves into latent space and the keys stay
+        compressed. Attention then runs as multi-query attention whose single key is [c ; k_rope] and
+        whose single value is c; W_UV maps the result back to per-head values.
+        """
+        batch, seq, heads, _ = q_nope.shape
+        w_kv_b = self.wkv_b.weight.view(heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        q = torch.cat((q_latent, q_rope), dim=-1).transpose(1, 2)  # (batch, heads, seq, rank + rope)
+        keys = cached.unsqueeze(1).to(q.dtype)  # (batch, 1, cached_len, rank + rope)
+        values = keys[..., :self.kv_lora_rank]
+        mask = None
+        if seq > 1:  # a prompt chunk: query i sits at position start + i and sees keys up to there
+            positions = torch.arange(cached.shape[1], device=q.device)
+            mask = positions[None, :] <= (start + torch.arange(seq, device=q.device))[:, None]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return torch.einsum("bhsc,hdc->bshd", out, w_uv)

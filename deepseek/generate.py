@@ -1,0 +1,65 @@
+"""Autoregressive sampling with the latent KV cache."""
+from __future__ import annotations
+
+import torch
+
+from deepseek.model import DeepSeekLM
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (batch, 1) from last-position logits (batch, vocab). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p; the best one always stays.
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: DeepSeekLM, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+             eos_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+    """Continue prompt (batch, seq) by up to max_new_tokens tokens; returns prompt + continuation.
+
+    With the cache, each step feeds one token. When the context reaches max_seq_len, the cache is
+    rebuilt from the most recent half window. use_cache=False recomputes the window every step
+    (for benchmarks and checks only).
+    """
+    if prompt.numel() == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    window = model.config.max_seq_len
+    was_training = model.training
+    model.eval()  # in training mode forward would count these tokens towards expert balancing
+    try:
+        tokens = prompt
+        cache = model.new_cache(prompt.shape[0], min(window, prompt.shape[1] + max_new_tokens)) if use_cache else None
+        logits = model(tokens[:, -window:], cache=cache).logits[:, -1]
+        finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        for step in range(max_new_tokens):
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)
+            tokens = torch.cat((tokens, next_token), dim=1)
+            if eos_token_id is not None:
+                finished |= next_token.squeeze(1) == eos_token_id
+                if finished.all():
+                    break
+            if step == max_new_tokens - 1:
+                break
+            if cache is None:
+                logits = model(tokens[:, -window:]).logits[:, -1]
+            elif cache.length == cache.max_len:
+                cache.length = 0
+                logits = model(tokens[:, -(cache.max_len // 2):], cache=cache).logits[:, -1]
+            else:
+                logits = model(next_token, cache=cache).logits[:, -1]
+        return tokens
+    finally:
+        model.train(was_training)

@@ -1,0 +1,195 @@
+"""Conversion to and from the Hugging Face `transformers` DeepseekV3 layout (config.json + safetensors).
+
+Our module names follow DeepSeek-V3's reference code; transformers uses its own. Routed experts are
+stacked tensors here and one key per expert there. Our RoPE pairs (x[i], x[i + d/2]), which is
+transformers' `rope_interleave=False`; checkpoints with interleaved pairs (DeepSeek's own) are
+converted on import by permuting the rows that produce the RoPE halves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from deepseek.config import ModelConfig
+from deepseek.model import DeepSeekLM
+
+# Our name -> transformers' name, inside model.layers.{i}.
+_LAYER_RENAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wq_a.weight": "self_attn.q_a_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_a_layernorm.weight",
+    "attn.wq_b.weight": "self_attn.q_b_proj.weight",
+    "attn.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
+    "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "ffn.gate_proj.weight": "mlp.gate_proj.weight",
+    "ffn.up_proj.weight": "mlp.up_proj.weight",
+    "ffn.down_proj.weight": "mlp.down_proj.weight",
+    "ffn.gate.weight": "mlp.gate.weight",
+    "ffn.gate.expert_bias": "mlp.gate.e_score_correction_bias",
+    "ffn.shared_experts.gate_proj.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn.shared_experts.up_proj.weight": "mlp.shared_experts.up_proj.weight",
+    "ffn.shared_experts.down_proj.weight": "mlp.shared_experts.down_proj.weight",
+}
+_TOP_RENAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                "head.weight": "lm_head.weight"}
+
+
+def to_hf_config(config: ModelConfig):
+    """The transformers DeepseekV3Config describing the same network."""
+    from transformers import DeepseekV3Config
+
+    if config.score_func != "sigmoid":
+        raise ValueError("transformers' DeepseekV3 routes with sigmoid scores; export needs score_func=sigmoid")
+    return DeepseekV3Config(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
+        q_lora_rank=config.q_lora_rank or None, kv_lora_rank=config.kv_lora_rank,
+        qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
+        v_head_dim=config.v_head_dim, max_position_embeddings=config.max_seq_len, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, rope_interleave=False,
+        n_shared_experts=config.num_shared_experts, n_routed_experts=config.num_routed_experts,
+        num_experts_per_tok=config.num_experts_per_tok, moe_intermediate_size=config.moe_intermediate_size,
+        first_k_dense_replace=config.first_k_dense_layers, intermediate_size=config.intermediate_size,
+        routed_scaling_factor=config.routed_scaling_factor, n_group=config.n_group, topk_group=config.topk_group,
+        norm_topk_prob=True, tie_word_embeddings=config.tie_embeddings, initializer_range=config.init_std,
+        num_mtp_layers=0, architectures=["DeepseekV3ForCausalLM"], bos_token_id=None, eos_token_id=None,
+    )
+
+
+def from_hf_config(hf: dict) -> ModelConfig:
+    """Our ModelConfig from a transformers DeepseekV3 config.json; refuses what we do not implement."""
+    if hf.get("model_type") != "deepseek_v3":
+        raise ValueError(f"expected a deepseek_v3 config, got model_type={hf.get('model_type')!r}")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    for key, wanted in (("attention_bias", False), ("hidden_act", "silu"), ("norm_topk_prob", True)):
+        if hf.get(key, wanted) != wanted:
+            raise ValueError(f"config.json has {key}={hf[key]!r}; only {wanted!r} is supported")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], q_lora_rank=hf.get("q_lora_rank") or 0,
+        kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        max_seq_len=hf["max_position_embeddings"], rms_norm_eps=hf["rms_norm_eps"],
+        num_shared_experts=hf.get("n_shared_experts") or 0, num_routed_experts=hf["n_routed_experts"],
+        num_experts_per_tok=hf["num_experts_per_tok"], moe_intermediate_size=hf["moe_intermediate_size"],
+        first_k_dense_layers=hf["first_k_dense_replace"], intermediate_size=hf["intermediate_size"],
+        routed_scaling_factor=hf["routed_scaling_factor"], n_group=hf.get("n_group") or 1,
+        topk_group=hf.get("topk_group") or 1, tie_embeddings=hf.get("tie_word_embeddings", False),
+        init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def to_hf_state_dict(model: DeepSeekLM) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' names, one set of keys per routed expert."""
+    config = model.config
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "head.weight" and config.tie_embeddings:
+            continue
+        if name in _TOP_RENAMES:
+            out[_TOP_RENAMES[name]] = tensor
+            continue
+        _, layer, rest = name.split(".", 2)
+        prefix = f"model.layers.{layer}."
+        if rest == "ffn.experts.gate_up_proj":
+            for e, (gate, up) in enumerate(t.chunk(2) for t in tensor):
+                out[f"{prefix}mlp.experts.{e}.gate_proj.weight"] = gate
+                out[f"{prefix}mlp.experts.{e}.up_proj.weight"] = up
+        elif rest == "ffn.experts.down_proj":
+            for e, down in enumerate(tensor):
+                out[f"{prefix}mlp.experts.{e}.down_proj.weight"] = down
+        else:
+            out[prefix + _LAYER_RENAMES[rest]] = tensor
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig, rope_interleave: bool
+                       ) -> dict[str, torch.Tensor]:
+    """Inverse of to_hf_state_dict; interleaved RoPE rows are reordered into our layout."""
+    back = {v: k for k, v in _TOP_RENAMES.items()}
+    out = {}
+    for i in range(config.num_layers):
+        prefix = f"model.layers.{i}."
+        for ours, theirs in _LAYER_RENAMES.items():
+            if prefix + theirs in hf:
+                out[f"layers.{i}.{ours}"] = hf[prefix + theirs]
+        if i >= config.first_k_dense_layers:
+            experts = range(config.num_routed_experts)
+            expert = lambda e, proj: hf[f"{prefix}mlp.experts.{e}.{proj}.weight"]  # noqa: E731
+            out[f"layers.{i}.ffn.experts.gate_up_proj"] = torch.stack(
+                [torch.cat((expert(e, "gate_proj"), expert(e, "up_proj"))) for e in experts])
+            out[f"layers.{i}.ffn.experts.down_proj"] = torch.stack([expert(e, "down_proj") for e in experts])
+        if rope_interleave:
+            _deinterleave_rope_rows(out, f"layers.{i}.attn.", config)
+    for theirs, ours in back.items():
+        if theirs in hf:
+            out[ours] = hf[theirs]
+    if config.tie_embeddings or "head.weight" not in out:
+        out["head.weight"] = out["embed.weight"]
+    return out
+
+
+def _deinterleave_rope_rows(weights: dict[str, torch.Tensor], prefix: str, config: ModelConfig) -> None:
+    """Reorder RoPE output rows from pairs (2i, 2i+1) to pairs (i, i + d/2)."""
+    d = config.qk_rope_head_dim
+    perm = torch.cat((torch.arange(0, d, 2), torch.arange(1, d, 2)))
+    q_name = prefix + ("wq.weight" if config.q_lora_rank == 0 else "wq_b.weight")
+    q = weights[q_name].view(config.num_heads, config.qk_head_dim, -1)
+    weights[q_name] = torch.cat((q[:, :config.qk_nope_head_dim], q[:, config.qk_nope_head_dim:][:, perm]),
+                                dim=1).reshape(-1, q.shape[-1])
+    kv = weights[prefix + "wkv_a.weight"]
+    weights[prefix + "wkv_a.weight"] = torch.cat((kv[:config.kv_lora_rank], kv[config.kv_lora_rank:][perm]))
+
+
+def export_hf(model: DeepSeekLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Tokenizer files from tokenizer_dir, if given, are copied beside the weights. The directory appears
+    whole or not at all: it is written under a temporary name, then renamed.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        to_hf_config(model.config).save_pretrained(tmp)
+        save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        if tokenizer_dir is not None:
+            for item in Path(tokenizer_dir).iterdir():
+                if item.is_file():
+                    shutil.copy2(item, tmp / item.name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def import_hf(path: str | Path) -> DeepSeekLM:
+    """Load a transformers DeepseekV3 directory (single or sharded safetensors) into DeepSeekLM."""
+    path = Path(path)
+    hf_config = json.loads((path / "config.json").read_text())
+    config = from_hf_config(hf_config)
+    index = path / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
+    hf_weights = {}
+    for name in files:
+        hf_weights.update(load_file(path / name))
+    model = DeepSeekLM(config)
+    state = from_hf_state_dict(hf_weights, config, rope_interleave=hf_config.get("rope_interleave", True))
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,138 @@
+"""DeepSeekLM: a decoder of MLA + (dense SwiGLU | DeepSeekMoE) blocks, pre-norm, with an LM head."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek.attention import LatentCache, MultiHeadLatentAttention
+from deepseek.config import ModelConfig
+from deepseek.layers import RMSNorm, SwiGLU, rope_tables
+from deepseek.moe import MoE
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (batch, seq, vocab)
+    loss: torch.Tensor | None  # cross-entropy + aux_loss, when targets are given
+    aux_loss: torch.Tensor  # sequence-wise balance loss, summed over MoE layers (0 unless enabled)
+    expert_counts: torch.Tensor  # (num_moe_layers, num_routed_experts) tokens routed in this forward
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = MultiHeadLatentAttention(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = layer >= config.first_k_dense_layers
+        self.ffn = MoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer)
+        if not self.is_moe:
+            return x + self.ffn(self.ffn_norm(x)), None, None
+        out, counts, aux_loss = self.ffn(self.ffn_norm(x))
+        return x + out, counts, aux_loss
+
+
+class DeepSeekLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rope_tables(config.qk_rope_head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every matrix, ones for norms, zero balancing biases."""
+        std = self.config.init_std
+        for name, param in self.named_parameters():
+            if param.dim() >= 2:
+                nn.init.normal_(param, mean=0.0, std=std)
+            else:
+                nn.init.ones_(param)
+        for moe in self.moe_layers():
+            moe.gate.expert_bias.zero_()
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.ffn for block in self.layers if block.is_moe]
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: LatentCache | None = None) -> ModelOutput:
+        """input_ids: (batch, seq). With a cache, input_ids continue the sequence the cache holds."""
+        start = cache.length if cache is not None else 0
+        end = start + input_ids.shape[1]
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len ({self.config.max_seq_len})")
+        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        x = self.embed(input_ids)
+        all_counts, aux_loss = [], x.new_zeros((), dtype=torch.float32)
+        for block in self.layers:
+            x, counts, layer_aux = block(x, cos, sin, cache)
+            if counts is not None:
+                all_counts.append(counts)
+                aux_loss = aux_loss + layer_aux
+        if cache is not None:
+            cache.length = end
+        logits = self.head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100) + aux_loss
+        expert_counts = (torch.stack(all_counts) if all_counts
+                         else x.new_zeros((0, self.config.num_routed_experts), dtype=torch.float32))
+        return ModelOutput(logits, loss, aux_loss, expert_counts)
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> torch.Tensor:
+        """Auxiliary-loss-free balancing step; call once after each optimizer step.
+
+        Uses the loads accumulated over every micro-batch since the last call (summed over processes
+        under torch.distributed), moves each bias by rate * sign(mean load - load), then clears the
+        loads. Returns the loads used, (num_moe_layers, num_experts).
+        """
+        moes = self.moe_layers()
+        if not moes:
+            return torch.zeros(0, self.config.num_routed_experts)
+        loads = torch.stack([moe.pending_load for moe in moes])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(loads)
+        rate = self.config.bias_update_rate
+        for moe, load in zip(moes, loads):
+            moe.gate.expert_bias += rate * torch.sign(load.mean() - load)
+            moe.pending_load.zero_()
+        return loads
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> LatentCache:
+        param = self.embed.weight
+        return LatentCache(self.config, batch_size, max_len or self.config.max_seq_len, param.device, param.dtype)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters, and those active for one token (shared experts plus top-k routed ones).
+
+        "non_embedding" excludes the token embedding and the LM head (counted once when tied).
+        """
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        embedding = self.embed.weight.numel() + (0 if self.config.tie_embeddings else self.head.weight.numel())
+        inactive = 0
+        for moe in self.moe_layers():
+            per_expert = (moe.experts.gate_up_proj.numel() + moe.experts.down_proj.numel()) // moe.num_experts
+            inactive += (moe.num_experts - moe.top_k) * per_expert
+        return {
+            "total": total,
+            "active": total - inactive,
+            "total_non_embedding": total - embedding,
+            "active_non_embedding": total - inactive - embedding,
+        }

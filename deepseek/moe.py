@@ -1,0 +1,123 @@
+"""DeepSeekMoE (DeepSeek-V2 §2.2, V3 §2.1.2): shared experts plus top-k routed experts.
+
+The router picks experts by score + bias, where the bias is the auxiliary-loss-free balancing term
+(V3 eq. 16). The bias only steers *which* experts are chosen: the gating weights come from the
+unbiased scores. The bias is a buffer, moved by `DeepSeekLM.update_expert_bias` after optimizer steps,
+never by the optimizer and never by forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek.config import ModelConfig
+from deepseek.layers import SwiGLU
+
+
+@dataclass
+class Routing:
+    weights: torch.Tensor  # (tokens, k) gating weights of the chosen experts
+    indices: torch.Tensor  # (tokens, k) chosen experts
+    scores: torch.Tensor  # (tokens, num_experts) unbiased affinities, float32
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.score_func = config.score_func
+        self.scaling = config.routed_scaling_factor
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.weight = nn.Parameter(torch.empty(config.num_routed_experts, config.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(config.num_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x: (tokens, hidden)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.expert_bias
+        if self.n_group > 1:
+            choice = self._keep_best_groups(choice)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(-1, indices)
+        if self.score_func == "sigmoid":  # sigmoid scores do not sum to one over the chosen experts
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return Routing(weights * self.scaling, indices, scores)
+
+    def _keep_best_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Group-limited routing (V3): rank groups by the sum of their two best scores, mask the rest."""
+        grouped = choice.view(choice.shape[0], self.n_group, -1)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        best = group_scores.topk(self.topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
+
+
+class RoutedExperts(nn.Module):
+    """num_experts SwiGLU experts whose weights are stacked, so dispatch is a sort and a few matmuls."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))  # [gate ; up] per expert
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+
+    def forward(self, x: torch.Tensor, routing: Routing, counts: torch.Tensor) -> torch.Tensor:
+        """x: (tokens, dim); counts: tokens per expert. Returns the weighted sum of each token's experts."""
+        tokens, k = routing.indices.shape
+        # Sort the (token, slot) assignments by expert so each expert sees one contiguous slice.
+        order = routing.indices.flatten().argsort(stable=True)
+        sorted_inputs = x[order // k]
+        # One host sync per layer (the slice sizes), never one per expert or per token.
+        slices = sorted_inputs.split(counts.tolist())
+        sorted_outputs = torch.cat([self._expert(e, xs) for e, xs in enumerate(slices)])
+        outputs = torch.empty_like(sorted_outputs).index_copy_(0, order, sorted_outputs)
+        weights = routing.weights.type_as(outputs).unsqueeze(-1)
+        return (outputs.view(tokens, k, -1) * weights).sum(dim=1)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts = config.num_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.seq_aux_loss_coef = config.seq_aux_loss_coef
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config.num_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        # n shared experts of width m are one SwiGLU of width n*m (their sum is a concatenation).
+        self.shared_experts = (SwiGLU(config.hidden_size, config.num_shared_experts * config.moe_intermediate_size)
+                               if config.num_shared_experts else None)
+        # Tokens routed to each expert over the micro-batches of the current optimizer step (training only).
+        self.register_buffer("pending_load", torch.zeros(config.num_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (batch, seq, hidden) -> (output, tokens per expert, sequence-wise auxiliary loss)."""
+        batch, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        routing = self.gate(flat)
+        counts = torch.bincount(routing.indices.flatten(), minlength=self.num_experts)
+        out = self.experts(flat, routing, counts)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        counts = counts.float()
+        if self.training:
+            self.pending_load += counts
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        if self.training and self.seq_aux_loss_coef > 0:
+            aux_loss = self._sequence_balance_loss(routing, batch, seq)
+        return out.view(batch, seq, dim), counts, aux_loss
+
+    def _sequence_balance_loss(self, routing: Routing, batch: int, seq: int) -> torch.Tensor:
+        """DeepSeek-V3 eqs. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch."""
+        scores = routing.scores.view(batch, seq, -1)
+        probs = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # P_i
+        chosen = F.one_hot(routing.indices.view(batch, -1), self.num_experts).sum(dim=1).float()
+        fractions = chosen * self.num_experts / (self.top_k * seq)  # f_i
+        return self.seq_aux_loss_coef * (fractions * probs).sum(dim=-1).mean()

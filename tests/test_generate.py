@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from conftest import randomized
+from deepseek import DeepSeekLM, ModelConfig
+from deepseek.generate import generate, sample_next
+
+
+@pytest.fixture
+def model():
+    return randomized(DeepSeekLM(ModelConfig.from_preset("tiny", max_seq_len=48)))
+
+
+def test_greedy_with_cache_equals_recomputing_everything(model):
+    prompt = torch.randint(0, 65, (2, 5))
+    cached = generate(model, prompt, max_new_tokens=30, temperature=0)
+    uncached = generate(model, prompt, max_new_tokens=30, temperature=0, use_cache=False)
+    assert cached.shape == (2, 35)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, :5], prompt)
+
+
+def test_generation_runs_past_the_context_window(model):
+    out = generate(model, torch.randint(0, 65, (1, 40)), max_new_tokens=30, temperature=0)
+    assert out.shape == (1, 70)
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator(model):
+    prompt = torch.randint(0, 65, (1, 4))
+    runs = [generate(model, prompt, 20, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert torch.equal(*runs)
+
+
+def test_generate_restores_training_mode_and_leaves_balancing_alone(model):
+    model.train()
+    generate(model, torch.randint(0, 65, (1, 4)), 5)
+    assert model.training
+    assert all(moe.pending_load.sum() == 0 for moe in model.moe_layers())
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    top_k = {sample_next(logits, 1.0, top_k=2, generator=gen).item() for _ in range(200)}
+    assert top_k == {0, 1}
+    top_p = {sample_next(logits, 1.0, top_p=0.7, generator=gen).item() for _ in range(200)}
+    assert top_p == {0, 1}  # 0.5 alone is below 0.7, 0.5 + 0.3 covers it
+    assert sample_next(logits, 0).item() == 0

@@ -1,0 +1,108 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import randomized
+from deepseek import ModelConfig, MoE
+
+
+def reference_moe(moe: MoE, config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    """DeepSeekMoE one token at a time, with Python loops and no batching tricks."""
+    out = torch.zeros_like(x)
+    per_group = config.num_routed_experts // config.n_group
+    for t in range(x.shape[0]):
+        logits = moe.gate.weight @ x[t]
+        scores = logits.sigmoid() if config.score_func == "sigmoid" else logits.softmax(-1)
+        choice = scores + moe.gate.expert_bias
+        allowed = list(range(config.num_routed_experts))
+        if config.n_group > 1:
+            groups = [choice[g * per_group:(g + 1) * per_group] for g in range(config.n_group)]
+            group_score = [sorted(g.tolist(), reverse=True)[:2] for g in groups]
+            best = sorted(range(config.n_group), key=lambda g: -sum(group_score[g]))[:config.topk_group]
+            allowed = [e for e in allowed if e // per_group in best]
+        chosen = sorted(allowed, key=lambda e: -choice[e].item())[:config.num_experts_per_tok]
+        weights = scores[chosen]
+        if config.score_func == "sigmoid":
+            weights = weights / weights.sum()
+        for w, e in zip(weights * config.routed_scaling_factor, chosen):
+            gate, up = (moe.experts.gate_up_proj[e] @ x[t]).chunk(2)
+            out[t] += w * (moe.experts.down_proj[e] @ (F.silu(gate) * up))
+        if moe.shared_experts is not None:
+            out[t] += moe.shared_experts(x[t])
+    return out
+
+
+@pytest.mark.parametrize("changes", [
+    dict(),
+    dict(score_func="softmax", num_shared_experts=0),
+    dict(num_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5),
+    dict(num_shared_experts=2, num_experts_per_tok=1),
+])
+def test_moe_matches_per_token_reference(changes):
+    config = ModelConfig.from_preset("tiny", **changes)
+    moe = MoE(config)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    moe.gate.expert_bias.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 12, config.hidden_size)
+    out, counts, _ = moe(x)
+    with torch.no_grad():
+        expected = reference_moe(moe, config, x.view(-1, config.hidden_size))
+    torch.testing.assert_close(out.view(-1, config.hidden_size), expected, atol=1e-5, rtol=1e-5)
+    assert counts.sum() == 24 * config.num_experts_per_tok
+
+
+def test_bias_changes_selection_but_not_gating_weights():
+    config = ModelConfig.from_preset("tiny", num_routed_experts=6, num_experts_per_tok=2, routed_scaling_factor=2.0)
+    moe = MoE(config)
+    torch.nn.init.normal_(moe.gate.weight, std=0.5)
+    x = torch.randn(64, config.hidden_size)
+    plain = moe.gate(x)
+    moe.gate.expert_bias[3] = 10.0  # every token now picks expert 3
+    biased = moe.gate(x)
+    assert (biased.indices == 3).any(dim=-1).all()
+    assert not torch.equal(plain.indices.sort(-1).values, biased.indices.sort(-1).values)
+    # Gating weights are the unbiased scores of the chosen experts, normalised, times the scaling factor.
+    chosen_scores = biased.scores.gather(-1, biased.indices)
+    torch.testing.assert_close(biased.weights, 2.0 * chosen_scores / chosen_scores.sum(-1, keepdim=True))
+    torch.testing.assert_close(biased.scores, plain.scores)
+    # Where the bias leaves the chosen set alone, the weights are identical.
+    same = (plain.indices.sort(-1).values == biased.indices.sort(-1).values).all(-1)
+    assert same.any()
+    order_p, order_b = plain.indices.argsort(-1), biased.indices.argsort(-1)
+    torch.testing.assert_close(plain.weights.gather(-1, order_p)[same], biased.weights.gather(-1, order_b)[same])
+
+
+def test_bias_is_a_buffer_not_a_parameter(tiny_config):
+    moe = MoE(tiny_config)
+    names = dict(moe.named_parameters())
+    assert "gate.expert_bias" not in names
+    assert "gate.expert_bias" in moe.state_dict()
+
+
+def test_forward_never_changes_the_bias(tiny_config):
+    moe = MoE(tiny_config).train()
+    torch.nn.init.normal_(moe.gate.weight, std=0.5)
+    before = moe.gate.expert_bias.clone()
+    moe(torch.randn(2, 8, tiny_config.hidden_size))[0].sum().backward()
+    assert torch.equal(moe.gate.expert_bias, before)
+    assert moe.pending_load.sum() == 16 * tiny_config.num_experts_per_tok
+
+
+def test_sequence_aux_loss_matches_formula():
+    config = ModelConfig.from_preset("tiny", seq_aux_loss_coef=0.01)
+    moe = MoE(config).train()
+    torch.nn.init.normal_(moe.gate.weight, std=0.5)
+    x = torch.randn(3, 10, config.hidden_size)
+    _, _, aux = moe(x)
+    expected = 0.0
+    for seq in x:
+        routing = moe.gate(seq)
+        s = routing.scores / routing.scores.sum(-1, keepdim=True)
+        f = torch.stack([(routing.indices == i).sum() for i in range(config.num_routed_experts)]).float()
+        f = f * config.num_routed_experts / (config.num_experts_per_tok * 10)
+        expected += 0.01 * (f * s.mean(0)).sum() / 3
+    torch.testing.assert_close(aux, expected)
+    assert aux.requires_grad
+    moe.eval()
+    assert moe(x)[2] == 0  # the auxiliary loss is a training signal only
