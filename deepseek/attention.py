@@ -110,11 +110,16 @@ class MultiHeadLatentAttention(nn.Module):
         """Training path: up-project the latent to per-head keys and values, causal SDPA."""
         batch, seq, heads, _ = q_nope.shape
         k_nope, v = self.wkv_b(latent).view(batch, seq, heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
-        q = torch.cat((q_nope, q_rope), dim=-1)
-        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(-1, -1, heads, -1)), dim=-1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=self.scale)
-        return out.transpose(1, 2)  # (batch, seq, heads, v_dim)
+        q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
+        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(-1, -1, heads, -1)), dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        # The fused (flash) SDPA kernels want one head size for q, k and v; zero columns in v cost
+        # little and come out as zero columns, which are dropped.
+        v_pad = q.shape[-1] - self.v_dim
+        if v_pad > 0:
+            v = F.pad(v, (0, v_pad))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return out[..., :self.v_dim].transpose(1, 2)  # (batch, seq, heads, v_dim)
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor,
                          start: int) -> torch.Tensor:
