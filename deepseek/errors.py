@@ -22,3 +22,9 @@ def report_user_errors(command: F) -> F:
         except UserError as error:
             raise click.ClickException(str(error)) from None
     return wrapper  # type: ignore[return-value]
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -8,15 +8,14 @@ converted on import by permuting the rows that produce the RoPE halves.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from deepseek.config import ModelConfig
+from deepseek.files import replacing_dir
 from deepseek.model import DeepSeekLM
 
 # Our name -> transformers' name, inside model.layers.{i}.
@@ -158,24 +157,17 @@ def export_hf(model: DeepSeekLM, out_dir: str | Path, tokenizer_dir: str | Path 
     """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Tokenizer files from tokenizer_dir, if given, are copied beside the weights. The directory appears
-    whole or not at all: it is written under a temporary name, then renamed.
+    whole or not at all.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        to_hf_config(model.config).save_pretrained(tmp)
+    config = to_hf_config(model.config)  # refuses what transformers cannot represent, before writing anything
+    with replacing_dir(out_dir, marker="config.json") as tmp:
+        config.save_pretrained(tmp)
         save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer_dir is not None:
             for item in Path(tokenizer_dir).iterdir():
                 if item.is_file():
                     shutil.copy2(item, tmp / item.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def import_hf(path: str | Path) -> DeepSeekLM:

@@ -41,7 +41,98 @@ class TokenizerParams:
         _require(self.vocab_size >= 260, "tokenizer.vocab_size", "must be at least 260 (256 bytes + specials)")
 
 
-SECTIONS: dict[str, type] = {"data": DataParams, "tokenizer": TokenizerParams}
+@dataclass(frozen=True)
+class TrainParams:
+    max_steps: int = 600  # optimizer steps; each is micro_batch_size * grad_accum_steps sequences
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 4
+    seq_len: int = 256
+    lr: float = 3e-4
+    min_lr: float = 3e-5  # the cosine decay ends here
+    warmup_steps: int = 50
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 8
+    sample_interval: int = 200
+    sample_prompt: str = "The meaning of life is"
+    sample_tokens: int = 120
+    checkpoint_interval: int = 200
+    keep_checkpoints: int = 3
+    num_workers: int = 0
+
+    def check(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_interval", "eval_interval",
+                    "eval_batches", "sample_interval", "sample_tokens", "checkpoint_interval", "keep_checkpoints"):
+            _require(getattr(self, key) > 0, f"train.{key}", "must be positive")
+        for key in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "num_workers"):
+            _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
+        _require(self.min_lr <= self.lr, "train.min_lr", f"({self.min_lr}) must be <= train.lr ({self.lr})")
+        for key in ("beta1", "beta2"):
+            _require(0 <= getattr(self, key) < 1, f"train.{key}", "must be in [0, 1)")
+        _require(bool(self.sample_prompt), "train.sample_prompt", "must not be empty")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.seq_len
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 16
+
+    def check(self) -> None:
+        _require(self.batch_size > 0, "evaluate.batch_size", "must be positive")
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    prompts: list[str] = dataclasses.field(default_factory=lambda: [
+        "The future of AI is", "Once upon a time", "In a galaxy far away", "The secret to happiness is",
+        "Python is a programming language that"])
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 50  # 0 = no top-k cut
+    top_p: float = 0.95  # 1.0 = no nucleus cut
+    seed: int = 1337
+
+    def check(self) -> None:
+        _require(len(self.prompts) > 0, "sample.prompts", "must hold at least one prompt")
+        _require(all(p for p in self.prompts), "sample.prompts", "must not contain an empty prompt")
+        _require(self.max_new_tokens > 0, "sample.max_new_tokens", "must be positive")
+        _require(self.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
+        _require(self.top_k >= 0, "sample.top_k", "must be >= 0")
+        _require(0 < self.top_p <= 1, "sample.top_p", "must be in (0, 1]")
+
+
+SECTIONS: dict[str, type] = {"data": DataParams, "tokenizer": TokenizerParams, "train": TrainParams,
+                             "evaluate": EvaluateParams, "sample": SampleParams}
+
+
+def load_model_config(vocab_size: int, path: str | Path = PARAMS_FILE):
+    """The ModelConfig that params `model:` describes: a preset plus overrides; the tokenizer sets the vocab."""
+    from deepseek.config import ModelConfig
+
+    values = dict(read_params(path).get("model") or {})
+    if "vocab_size" in values:
+        raise UserError("params model.vocab_size is set by the tokenizer; remove it "
+                        "(for bpe, set tokenizer.vocab_size)")
+    preset = values.pop("preset", "cpu")
+    try:
+        return ModelConfig.from_preset(preset, vocab_size=vocab_size, **values)
+    except (ValueError, TypeError) as error:
+        raise UserError(f"params model: {error}") from None
+
+
+def load_seed(path: str | Path = PARAMS_FILE) -> int:
+    seed = read_params(path).get("seed", 1337)
+    _require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", "must be an integer >= 0")
+    return seed
 
 
 def load_section(name: str, path: str | Path = PARAMS_FILE) -> Any:

@@ -18,7 +18,8 @@ def reference_mla(attn, x, cos, sin):
     k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)
     heads = []
     for h in range(attn.num_heads):
-        q_h = torch.cat((q[:, :, h, :attn.nope_dim], apply_rope(q[:, :, h:h + 1, attn.nope_dim:], cos, sin)[:, :, 0]), -1)
+        q_rope = apply_rope(q[:, :, h:h + 1, attn.nope_dim:], cos, sin)[:, :, 0]
+        q_h = torch.cat((q[:, :, h, :attn.nope_dim], q_rope), -1)
         k_h = torch.cat((kv[:, :, h, :attn.nope_dim], k_rope[:, :, 0]), -1)
         v_h = kv[:, :, h, attn.nope_dim:]
         scores = q_h @ k_h.transpose(1, 2) / math.sqrt(attn.nope_dim + attn.rope_dim)

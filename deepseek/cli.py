@@ -1,0 +1,81 @@
+"""The `deepseek` command: the pipeline stages, plus generation and export from a trained model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+
+from deepseek.checkpoint import TOKENIZER, load_model
+from deepseek.errors import UserError, report_user_errors
+from deepseek.generate import generate as generate_tokens
+from deepseek.tokenizer import load_tokenizer
+from stages.evaluate import evaluate
+from stages.prepare import prepare
+from stages.sample import sample
+from stages.tokenize import tokenize
+from stages.train import train
+
+DEFAULT_MODEL = Path("model/final")  # what the pipeline's train stage writes
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train, evaluate and sample DeepSeek-V2/V3-style models (MLA + DeepSeekMoE).
+
+    The stage commands are what `dvc repro` runs; they read params.yaml.
+    """
+
+
+for stage in (prepare, tokenize, train, evaluate, sample):
+    main.add_command(stage)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", "model_dir", default=DEFAULT_MODEL, show_default=True, type=click.Path(path_type=Path),
+              help="A model directory written by the train stage.")
+@click.option("--max-new-tokens", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0),
+              help="0 picks the most likely token every step (greedy).")
+@click.option("--top-k", default=50, show_default=True, type=click.IntRange(min=0), help="0 = no top-k cut.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=1337, show_default=True, type=int)
+@report_user_errors
+def generate(prompt: str, model_dir: Path, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+             seed: int) -> None:
+    """Continue PROMPT with a trained model, using the latent KV cache."""
+    if not prompt:
+        raise UserError("the prompt is empty: give some text to continue")
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir / TOKENIZER)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    out = generate_tokens(model, ids, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                          generator=torch.Generator().manual_seed(seed), eos_token_id=tokenizer.eos_token_id)
+    click.echo(tokenizer.decode(out[0].tolist()))
+
+
+@main.command("export-hf")
+@click.option("--model", "model_dir", default=DEFAULT_MODEL, show_default=True, type=click.Path(path_type=Path),
+              help="A model directory written by the train stage.")
+@click.option("--out", "out_dir", default=Path("model/hf"), show_default=True, type=click.Path(path_type=Path),
+              help="Directory to write; replaced if it exists.")
+@report_user_errors
+def export_hf(model_dir: Path, out_dir: Path) -> None:
+    """Write a transformers DeepseekV3 directory (config, safetensors, tokenizer).
+
+    Load it with transformers.AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).
+    """
+    from deepseek.hf import export_hf as export
+
+    model = load_model(model_dir)
+    load_tokenizer(model_dir / TOKENIZER)  # fail early and clearly if the tokenizer is missing
+    try:
+        export(model, out_dir, tokenizer_dir=model_dir / TOKENIZER)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    click.echo(f"wrote {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The prepare stage's library: raw text in; a train/val split and its stats out.
+
+Choices a reader may want to know:
+- The split is contiguous: the first int(len(text) * (1 - val_fraction)) characters are train, the rest val
+  (nanoGPT's convention). The boundary is not snapped to a newline, so the sizes follow from the text alone.
+- A smollm subset joins documents with a blank line and is cut at exactly data.smollm_max_chars characters,
+  so only the last document may be truncated.
+- "lines" counts "\\n"-separated lines, plus an unterminated last one; str.splitlines would also split on
+  \\r, \\f, \\u2028 and friends.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from deepseek.errors import UserError, first_line
+from deepseek.files import check_replaceable, replacing_dir
+from deepseek.params import DataParams
+
+PREPARED_DIR = "data/prepared"
+OUTPUT_FILES = ("train.txt", "val.txt", "stats.json")
+DOWNLOAD_TIMEOUT_S = 30
+DOCUMENT_SEPARATOR = "\n\n"
+MIN_SPLIT_CHARS = 2  # one next-character prediction on each side of the split
+
+
+def prepare_corpus(params: DataParams, out_dir: str | Path = PREPARED_DIR) -> dict[str, Any]:
+    """Obtain the text, split it, and write train.txt, val.txt and stats.json into out_dir; returns the stats."""
+    # Refuse a bad output folder before a download or a long stream, not after.
+    check_replaceable(out_dir, marker="stats.json")
+    text = obtain_text(params)
+    train, val = split_text(text, params.val_fraction)
+    stats = {"source": params.source, **text_stats(text), "train_characters": len(train),
+             "val_characters": len(val)}
+    write_prepared(out_dir, train, val, stats)
+    return stats
+
+
+def obtain_text(params: DataParams) -> str:
+    """The raw corpus named by data.source."""
+    if params.source == "smollm":
+        return stream_smollm(params.smollm_dataset, params.smollm_subset, params.smollm_max_chars)
+    return read_shakespeare(params.path, params.url, params.sha256)
+
+
+def read_shakespeare(path: str | Path, url: str, sha256: str) -> str:
+    """The text at path, downloaded from url first if missing; its sha256 must match either way."""
+    path = Path(path)
+    if not path.exists():
+        download(url, path, sha256)
+    text = read_text_file(path)
+    actual = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if actual != sha256:
+        raise UserError(f"{path} has sha256 {actual} but data.sha256 is {sha256}: set data.sha256 to {actual} "
+                        f"if this is the text you want, or replace the file (delete it to download data.url again)")
+    return text
+
+
+def download(url: str, dest: str | Path, sha256: str) -> None:
+    """Fetch url into dest, checking its sha256; dest appears complete or not at all."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as dest, so os.replace is an atomic rename rather than a copy across file systems.
+    handle, temp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    temp = Path(temp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(handle, "wb") as out:
+            # Only network failures become "could not download": a disk error while writing stays itself.
+            try:
+                with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                    while chunk := response.read(1 << 16):
+                        digest.update(chunk)
+                        out.write(chunk)
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
+                    ValueError) as error:
+                raise UserError(f"could not download {url} ({_reason(error)}): check your connection (offline?) "
+                                f"and data.url, or copy the file to {dest} yourself and rerun") from None
+        if digest.hexdigest() != sha256:
+            raise UserError(f"{url} downloaded with sha256 {digest.hexdigest()} but data.sha256 is {sha256}: "
+                            f"check data.url and data.sha256")
+        os.replace(temp, dest)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def read_text_file(path: str | Path) -> str:
+    """The file's text, which must be non-empty UTF-8; read as bytes so line endings stay as they are."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
+    if not raw:
+        raise UserError(f"{path} is empty: replace it with the corpus (or delete it to download data.url again)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text: byte 0x{raw[error.start]:02x} at offset {error.start} "
+                        f"is invalid; convert the file to UTF-8 (e.g. with iconv) and rerun") from None
+
+
+def stream_smollm(dataset: str, subset: str, max_chars: int) -> str:
+    """Up to max_chars characters of the dataset's train split, streamed rather than downloaded whole."""
+    text = join_capped(_documents(dataset, subset), max_chars)
+    if not text:
+        raise UserError(f"{dataset} ({subset}) holds no text: check data.smollm_dataset and data.smollm_subset")
+    return text
+
+
+def join_capped(documents: Iterable[str], max_chars: int) -> str:
+    """Documents joined by a blank line, cut at exactly max_chars characters; stops reading at the cap."""
+    parts: list[str] = []
+    size = 0
+    for document in documents:
+        if not document:
+            continue
+        piece = (DOCUMENT_SEPARATOR if parts else "") + document
+        parts.append(piece[: max_chars - size])
+        size += len(parts[-1])
+        if size >= max_chars:
+            break
+    return "".join(parts)
+
+
+def _documents(dataset: str, subset: str) -> Iterator[str]:
+    """The "text" field of each row; hub and file errors, which can surface on any row, become UserErrors."""
+    # Imported here: datasets takes seconds to import and the shakespeare source never needs it.
+    from datasets import load_dataset
+
+    try:
+        rows = iter(load_dataset(dataset, subset, split="train", streaming=True))
+    except Exception as error:
+        raise _stream_error(dataset, subset, error) from None
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as error:
+            raise _stream_error(dataset, subset, error) from None
+        if not isinstance(row.get("text"), str):
+            raise UserError(f"rows of {dataset} ({subset}) need a string field 'text'; they have {', '.join(row)}")
+        yield row["text"]
+
+
+def _stream_error(dataset: str, subset: str, error: Exception) -> UserError:
+    return UserError(f"could not stream {dataset} ({subset}): {_reason(error)}; check your connection, "
+                     f"data.smollm_dataset and data.smollm_subset, or set data.smollm_dataset to a local "
+                     f"directory laid out like the hub repository")
+
+
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    """Contiguous split: the first 1 - val_fraction of the characters train, the rest validation."""
+    cut = int(len(text) * (1 - val_fraction))
+    train, val = text[:cut], text[cut:]
+    if min(len(train), len(val)) < MIN_SPLIT_CHARS:
+        raise UserError(f"the text has {len(text)} characters: too short to split with data.val_fraction = "
+                        f"{val_fraction} (each side needs at least {MIN_SPLIT_CHARS}); use a longer corpus")
+    return train, val
+
+
+def text_stats(text: str) -> dict[str, Any]:
+    """Size, line count, alphabet size and sha256 (of the UTF-8 bytes) of the text."""
+    return {
+        "characters": len(text),
+        "lines": text.count("\n") + (1 if text and not text.endswith("\n") else 0),
+        "unique_characters": len(set(text)),
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    }
+
+
+def write_prepared(out_dir: str | Path, train: str, val: str, stats: dict[str, Any]) -> None:
+    """Write the three outputs so that all of them appear, or none."""
+    with replacing_dir(out_dir, marker="stats.json") as staging:
+        # newline="" keeps "\n" as is on every platform, so the files hold exactly the split text.
+        (staging / "train.txt").write_text(train, encoding="utf-8", newline="")
+        (staging / "val.txt").write_text(val, encoding="utf-8", newline="")
+        (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+
+
+def _reason(error: BaseException) -> str:
+    """A one-line description of a library's exception."""
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        error = error.reason if isinstance(error.reason, BaseException) else error
+    return f"{type(error).__name__}: {first_line(error)}"

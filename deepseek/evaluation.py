@@ -1,0 +1,54 @@
+"""Loss, perplexity, bits per character, accuracy and expert balance over a token split."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from deepseek.balance import balance_report
+from deepseek.batches import evaluation_batches
+from deepseek.model import DeepSeekLM
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision where dtype asks for it; plain float32 otherwise."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: DeepSeekLM, tokens: np.ndarray, seq_len: int, batch_size: int, characters: int | None = None,
+             max_batches: int | None = None, dtype: torch.dtype = torch.float32, progress: bool = False) -> dict:
+    """Metrics over the split (or its first max_batches batches).
+
+    Bits per character divide the total negative log-likelihood by the characters the predicted tokens
+    span (the split's characters, prorated to the tokens scored), so they compare across tokenizers.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    counts = torch.zeros(len(model.moe_layers()), model.config.num_routed_experts, device=device)
+    scored = 0
+    batches = evaluation_batches(tokens, seq_len, batch_size, max_batches)
+    for inputs, targets in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device, dtype):
+            out = model(inputs)
+        nll += F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+        correct += (out.logits.argmax(dim=-1) == targets).sum()
+        counts += out.expert_counts
+        scored += targets.numel()
+    model.train(was_training)
+    loss = nll.item() / scored
+    metrics = {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct.item() / scored, "tokens": scored}
+    if characters:
+        metrics["bits_per_character"] = nll.item() / math.log(2) / (characters * scored / (len(tokens) - 1))
+    metrics["balance"] = balance_report(counts.cpu())
+    return metrics

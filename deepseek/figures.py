@@ -1,0 +1,42 @@
+"""PNG figures people would rather look at than read: loss curves and expert load."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def loss_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Path:
+    """Training and validation loss against optimizer step."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train_rows], [float(r["loss"]) for r in train_rows], label="train")
+    ax.plot([r["step"] for r in val_rows], [float(r["val_loss"]) for r in val_rows], "o-", label="validation")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def expert_load(fractions: np.ndarray, path: Path) -> Path:
+    """Heatmap of each MoE layer's share of routed tokens per expert; uniform is 1/num_experts."""
+    layers, experts = fractions.shape
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * experts, 1 + 0.4 * layers))
+    image = ax.imshow(fractions, cmap="viridis", aspect="auto")
+    ax.set(xlabel="expert", ylabel="MoE layer", title=f"Expert load (uniform = {1 / experts:.3f})",
+           xticks=range(experts), yticks=range(layers))
+    fig.colorbar(image, ax=ax, label="share of routed tokens")
+    return _save(fig, path)

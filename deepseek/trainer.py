@@ -1,0 +1,215 @@
+"""The training loop: AdamW with warmup + cosine decay, gradient accumulation, mixed precision,
+auxiliary-loss-free balancing after every optimizer step, periodic validation, samples and checkpoints."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from deepseek.balance import max_violation
+from deepseek.batches import training_batches
+from deepseek.checkpoint import save_checkpoint
+from deepseek.evaluation import autocast, evaluate
+from deepseek.files import write_text
+from deepseek.generate import generate
+from deepseek.model import DeepSeekLM
+from deepseek.params import TrainParams
+
+
+class MetricsSink(Protocol):
+    """Anything that records metrics by step (the CSV logs here; MLflow in the pipeline)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+@dataclass
+class TrainOutputs:
+    checkpoint_dir: Path
+    reports_dir: Path  # train_log.csv, val_log.csv: the loss curves DVC plots
+
+
+@dataclass
+class Sampler:
+    """Turns a prompt into text with the model, for the periodic samples during training."""
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    prompt: str
+    max_new_tokens: int
+    seed: int
+
+
+@dataclass
+class History:
+    train: list[dict] = field(default_factory=list)
+    val: list[dict] = field(default_factory=list)
+
+    def write(self, reports_dir: Path) -> None:
+        for name, rows in (("train_log.csv", self.train), ("val_log.csv", self.val)):
+            if rows:
+                _write_csv(reports_dir / name, rows)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is cuda but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 autocast on CUDA where supported, else fp16 (with a GradScaler); fp32 on CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+
+def build_optimizer(model: DeepSeekLM, params: TrainParams, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; matrices decay, while norms and embeddings do not (the model has no biases)."""
+    embedding = {id(model.embed.weight)}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embedding]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embedding]
+    groups = [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=params.lr, betas=(params.beta1, params.beta2),
+                             fused=device.type == "cuda")
+
+
+def lr_multiplier(params: TrainParams) -> Callable[[int], float]:
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps (as a multiple of lr)."""
+    floor = params.min_lr / params.lr if params.lr > 0 else 0.0
+
+    def multiplier(step: int) -> float:
+        if step < params.warmup_steps:
+            return (step + 1) / params.warmup_steps
+        progress = min(1.0, (step - params.warmup_steps) / max(1, params.max_steps - params.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return multiplier
+
+
+def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_tokens: np.ndarray, seed: int,
+          outputs: TrainOutputs, sampler: Sampler | None = None, sinks: Sequence[MetricsSink] = (),
+          run_info: dict | None = None) -> dict:
+    """Train for params.max_steps optimizer steps; returns the final metrics.
+
+    The model is left trained in place; saving it is the caller's choice.
+    """
+    device = resolve_device(params.device)
+    dtype = resolve_dtype(params.dtype, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device).train()
+    optimizer = build_optimizer(model, params, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(params))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    history = History()
+    outputs.reports_dir.mkdir(parents=True, exist_ok=True)
+
+    batches = iter(training_batches(train_tokens, params.seq_len, params.micro_batch_size, params.grad_accum_steps,
+                                    seed, first_step=0, last_step=params.max_steps,
+                                    num_workers=params.num_workers, pin_memory=device.type == "cuda"))
+    progress = tqdm(range(params.max_steps), desc="train", unit="step", dynamic_ncols=True)
+    window_start, window_tokens = time.perf_counter(), 0
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    scored = 0
+    for step in progress:
+        for _ in range(params.grad_accum_steps):
+            inputs, targets = (t.to(device, non_blocking=True) for t in next(batches))
+            with autocast(device, dtype):
+                out = model(inputs, targets)
+            scaler.scale(out.loss / params.grad_accum_steps).backward()
+            # Running sums stay on the device, so the step never waits for the host.
+            loss_sum += out.loss.detach()
+            correct += (out.logits.detach().argmax(dim=-1) == targets).sum()
+            scored += targets.numel()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        loads = model.update_expert_bias()
+        window_tokens += params.tokens_per_step
+        done = step + 1
+        last = done == params.max_steps
+
+        if done % params.log_interval == 0 or last:
+            elapsed = time.perf_counter() - window_start
+            micro_steps = scored // (params.micro_batch_size * params.seq_len)
+            metrics = {"loss": loss_sum.item() / micro_steps, "accuracy": correct.item() / scored, "lr": lr,
+                       "grad_norm": grad_norm.item(), "tokens_per_s": window_tokens / elapsed}
+            layer_vio = max_violation(loads).tolist()
+            metrics["max_vio"] = float(np.mean(layer_vio)) if layer_vio else 0.0
+            history.train.append({"step": done, **metrics})
+            _log(sinks, {**metrics, **{f"max_vio/layer_{i}": v for i, v in enumerate(layer_vio)}}, done)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
+            top = loads.sum(dim=0).topk(min(3, loads.shape[1])).indices.tolist() if len(loads) else []
+            progress.write(f"step {done:>6} | loss {metrics['loss']:.4f} | acc {metrics['accuracy']:.3f} | "
+                           f"lr {lr:.2e} | {metrics['tokens_per_s']:>8,.0f} tok/s | max_vio {metrics['max_vio']:.3f}"
+                           f" | top experts {top}")
+            loss_sum.zero_()
+            correct.zero_()
+            scored, window_start, window_tokens = 0, time.perf_counter(), 0
+
+        if done % params.eval_interval == 0 or last:
+            val = evaluate(model, val_tokens, params.seq_len, params.micro_batch_size,
+                           max_batches=params.eval_batches, dtype=dtype)
+            history.val.append({"step": done, "val_loss": val["loss"]})
+            _log(sinks, {"val_loss": val["loss"]}, done)
+            progress.write(f"step {done:>6} | val loss {val['loss']:.4f}")
+            history.write(outputs.reports_dir)
+
+        if sampler is not None and (done % params.sample_interval == 0 or last):
+            progress.write(f"--- sample at step {done} ---\n{_sample(model, sampler, device)}\n---")
+
+        if done % params.checkpoint_interval == 0 or last:
+            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
+            save_checkpoint(outputs.checkpoint_dir, done, model, trainer_state, info={**(run_info or {})},
+                            keep=params.keep_checkpoints)
+
+    history.write(outputs.reports_dir)
+    final = history.train[-1]
+    return {"train_loss": final["loss"], "train_accuracy": final["accuracy"], "val_loss": history.val[-1]["val_loss"],
+            "tokens_per_s": final["tokens_per_s"], "steps": params.max_steps,
+            "tokens": params.max_steps * params.tokens_per_step}
+
+
+def _log(sinks: Sequence[MetricsSink], metrics: dict[str, float], step: int) -> None:
+    for sink in sinks:
+        sink.log_metrics(metrics, step)
+
+
+def _sample(model: DeepSeekLM, sampler: Sampler, device: torch.device) -> str:
+    prompt = torch.tensor([sampler.encode(sampler.prompt)], device=device)
+    generator = torch.Generator(device=device).manual_seed(sampler.seed)
+    tokens = generate(model, prompt, sampler.max_new_tokens, temperature=0.8, top_k=50, generator=generator)
+    return sampler.decode(tokens[0].tolist())

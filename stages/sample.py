@@ -1,0 +1,50 @@
+"""DVC stage `sample`: KV-cached generations for the prompts in params `sample`, as Markdown and JSON."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+
+from deepseek.checkpoint import TOKENIZER, load_model
+from deepseek.errors import report_user_errors
+from deepseek.files import write_json, write_text
+from deepseek.generate import generate
+from deepseek.params import SampleParams, load_section
+from deepseek.tokenizer import load_tokenizer
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(),
+              help="Parameters file.")
+@click.option("--model-dir", default="model/final", show_default=True, type=click.Path(path_type=Path))
+@click.option("--reports-dir", default="reports", show_default=True, type=click.Path(path_type=Path),
+              help="Gets samples.md and samples.json.")
+@report_user_errors
+def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
+    """Generate a continuation of every prompt in params.yaml `sample.prompts`."""
+    params: SampleParams = load_section("sample", params_path)
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir / TOKENIZER)
+    generator = torch.Generator().manual_seed(params.seed)
+    samples = []
+    for prompt in params.prompts:
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        out = generate(model, ids, params.max_new_tokens, temperature=params.temperature, top_k=params.top_k or None,
+                       top_p=params.top_p, generator=generator, eos_token_id=tokenizer.eos_token_id)
+        samples.append({"prompt": prompt, "text": tokenizer.decode(out[0].tolist())})
+        click.echo(f"--- {prompt}\n{samples[-1]['text']}\n")
+    settings = {k: v for k, v in vars(params).items() if k != "prompts"}
+    write_json(reports_dir / "samples.json", {"settings": settings, "samples": samples})
+    write_text(reports_dir / "samples.md", _markdown(samples, settings))
+
+
+def _markdown(samples: list[dict], settings: dict) -> str:
+    lines = ["# Samples", "", "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), ""]
+    for item in samples:
+        lines += [f"## {item['prompt']}", "", "```text", item["text"], "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sample()
