@@ -33,7 +33,7 @@ class DataParams:
 
 @dataclass(frozen=True)
 class TokenizerParams:
-    kind: Literal["char", "bpe", "pretrained"] = "char"
+    kind: Literal["char", "bpe", "pretrained"] = "bpe"
     vocab_size: int = 1024  # bpe only
     pretrained: str = "HuggingFaceTB/SmolLM2-135M"  # pretrained only: hub id or local directory
 
@@ -46,10 +46,10 @@ class TrainParams:
     max_steps: int = 600  # optimizer steps; each is micro_batch_size * grad_accum_steps sequences
     micro_batch_size: int = 16
     grad_accum_steps: int = 4
-    seq_len: int = 256
-    lr: float = 3e-4
-    min_lr: float = 3e-5  # the cosine decay ends here
-    warmup_steps: int = 50
+    seq_len: int = 128
+    lr: float = 2e-3
+    min_lr: float = 2e-4  # the cosine decay ends here
+    warmup_steps: int = 30
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.1
@@ -136,8 +136,23 @@ def load_seed(path: str | Path = PARAMS_FILE) -> int:
 
 
 def load_section(name: str, path: str | Path = PARAMS_FILE) -> Any:
-    """One validated section of params.yaml; missing keys take the defaults above."""
+    """One section of params.yaml, after checking the whole file, so that no stage starts work on bad params."""
+    check_params(path)
     return parse_section(name, read_params(path).get(name) or {})
+
+
+def check_params(path: str | Path = PARAMS_FILE) -> None:
+    """Validate every section, the seed and the model, and how they fit together; UserError names the key."""
+    values = read_params(path)
+    unknown = sorted(set(values) - set(SECTIONS) - {"seed", "model"})
+    if unknown:
+        raise UserError(f"unknown params section(s) {', '.join(unknown)}; known: seed, model, {', '.join(SECTIONS)}")
+    sections = {name: parse_section(name, values.get(name) or {}) for name in SECTIONS}
+    load_seed(path)
+    model = load_model_config(vocab_size=sections["tokenizer"].vocab_size, path=path)
+    if sections["train"].seq_len > model.max_seq_len:
+        raise UserError(f"params train.seq_len ({sections['train'].seq_len}) exceeds the model's max_seq_len "
+                        f"({model.max_seq_len}); lower train.seq_len or raise model.max_seq_len")
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:

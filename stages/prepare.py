@@ -10,7 +10,7 @@ from deepseek.params import PARAMS_FILE, load_section
 
 @click.command()
 @click.option("--params", "params_path", default=PARAMS_FILE, show_default=True, type=click.Path(dir_okay=False),
-              help="Parameters file; only its data section is read.")
+              help="Parameters file; all of it is checked, the data section is used.")
 @click.option("--out", "out_dir", default=PREPARED_DIR, show_default=True, type=click.Path(file_okay=False),
               help="Output directory, replaced whole (it may hold only a previous run's outputs).")
 @report_user_errors

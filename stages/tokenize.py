@@ -10,7 +10,7 @@ from deepseek.tokenizer import PREPARED_DIR, TOKENIZER_DIR, TOKENS_DIR, tokenize
 
 @click.command()
 @click.option("--params", "params_path", default=PARAMS_FILE, show_default=True, type=click.Path(dir_okay=False),
-              help="Parameters file; only its tokenizer section is read.")
+              help="Parameters file; all of it is checked, the tokenizer section is used.")
 @click.option("--prepared", "prepared_dir", default=PREPARED_DIR, show_default=True, type=click.Path(file_okay=False),
               help="The prepare stage's output: train.txt, val.txt, stats.json.")
 @click.option("--tokenizer-dir", default=TOKENIZER_DIR, show_default=True, type=click.Path(file_okay=False),

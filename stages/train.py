@@ -31,9 +31,6 @@ def train(params_path: str, tokens_dir: Path, tokenizer_dir: Path, model_dir: Pa
     seed = load_seed(params_path)
     meta = load_meta(tokens_dir)
     config = load_model_config(meta["vocab_size"], params_path)
-    if train_params.seq_len > config.max_seq_len:
-        raise UserError(f"params train.seq_len ({train_params.seq_len}) exceeds model.max_seq_len "
-                        f"({config.max_seq_len}); lower one or raise the other")
     tokenizer = load_tokenizer(tokenizer_dir)
     train_tokens, val_tokens = load_tokens(tokens_dir, "train"), load_tokens(tokens_dir, "val")
 
