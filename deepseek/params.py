@@ -110,8 +110,19 @@ class SampleParams:
         _require(0 < self.top_p <= 1, "sample.top_p", "must be in (0, 1]")
 
 
+@dataclass(frozen=True)
+class MlflowParams:
+    register_model: bool = True  # register each run's final model in the MLflow model registry
+    model_name: str = "deepseek-repro"  # the registered model's name
+    alias: str = "candidate"  # the alias the newest version gets (promote one by hand with e.g. "champion")
+
+    def check(self) -> None:
+        _require(bool(self.model_name.strip()), "mlflow.model_name", "must not be empty")
+        _require(self.alias.replace("-", "_").isidentifier(), "mlflow.alias", "must be a simple name")
+
+
 SECTIONS: dict[str, type] = {"data": DataParams, "tokenizer": TokenizerParams, "train": TrainParams,
-                             "evaluate": EvaluateParams, "sample": SampleParams}
+                             "evaluate": EvaluateParams, "sample": SampleParams, "mlflow": MlflowParams}
 
 
 def load_model_config(vocab_size: int, path: str | Path = PARAMS_FILE):

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from deepseek import figures
+from deepseek import figures, tracking
 from deepseek.checkpoint import load_model
 from deepseek.errors import report_user_errors
 from deepseek.evaluation import evaluate as evaluate_model
@@ -42,6 +42,10 @@ def evaluate(params_path: str, model_dir: Path, tokens_dir: Path, reports_dir: P
     figures.expert_load(fractions, reports_dir / "figures" / "expert_load.png")
     figures.loss_curves(_read_csv(reports_dir / "train_log.csv"), _read_csv(reports_dir / "val_log.csv"),
                         reports_dir / "figures" / "loss.png")
+    run = tracking.Run.resume(reports_dir / "mlflow_run.json")
+    run.log_metrics(tracking.flatten(metrics))
+    run.log_artifact(reports_dir / "figures", "figures")
+    run.log_artifact(reports_dir / "expert_load.csv")
     click.echo(f"val: loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
                f"bits/char {val['bits_per_character']:.4f} | accuracy {val['accuracy']:.4f} | "
                f"MaxVio {balance['max_vio_global']:.3f}")

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 import torch
 
+from deepseek import tracking
 from deepseek.checkpoint import TOKENIZER, load_model
 from deepseek.errors import report_user_errors
 from deepseek.files import write_json, write_text
@@ -37,6 +38,10 @@ def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
     settings = {k: v for k, v in vars(params).items() if k != "prompts"}
     write_json(reports_dir / "samples.json", {"settings": settings, "samples": samples})
     write_text(reports_dir / "samples.md", _markdown(samples, settings))
+    run = tracking.Run.resume(reports_dir / "mlflow_run.json")
+    for name in ("samples.md", "samples.json"):
+        run.log_artifact(reports_dir / name, "samples")
+    run.log_artifact("dvc.lock")  # DVC updates it after each stage, so it holds this run's earlier stages
 
 
 def _markdown(samples: list[dict], settings: dict) -> str:

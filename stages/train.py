@@ -1,15 +1,21 @@
-"""DVC stage `train`: DeepSeekLM on the tokenized corpus, with params `seed`, `model` and `train`."""
+"""DVC stage `train`: DeepSeekLM on the tokenized corpus, with params `seed`, `model` and `train`.
+
+It opens the pipeline's MLflow run; evaluate and sample log into the same run through reports/mlflow_run.json.
+"""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import click
 
-from deepseek.checkpoint import save_model
+from deepseek import tracking
+from deepseek.checkpoint import list_checkpoints, save_model
 from deepseek.errors import UserError, report_user_errors
 from deepseek.files import write_json
 from deepseek.model import DeepSeekLM
-from deepseek.params import load_model_config, load_section, load_seed
+from deepseek.params import load_model_config, load_section, load_seed, read_params
 from deepseek.tokenizer import load_meta, load_tokenizer, load_tokens
 from deepseek.trainer import Sampler, TrainOutputs, seed_everything
 from deepseek.trainer import train as run_training
@@ -18,39 +24,71 @@ from deepseek.trainer import train as run_training
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(),
               help="Parameters file.")
+@click.option("--data-stats", default="data/prepared/stats.json", show_default=True, type=click.Path(path_type=Path),
+              help="The prepare stage's stats, recorded with the run.")
 @click.option("--tokens-dir", default="data/tokens", show_default=True, type=click.Path(path_type=Path))
 @click.option("--tokenizer-dir", default="data/tokenizer", show_default=True, type=click.Path(path_type=Path))
 @click.option("--model-dir", default="model", show_default=True, type=click.Path(path_type=Path),
               help="Gets final/ (weights, config, tokenizer) and checkpoints/.")
 @click.option("--reports-dir", default="reports", show_default=True, type=click.Path(path_type=Path),
-              help="Gets train_metrics.json and the loss logs train_log.csv, val_log.csv.")
+              help="Gets train_metrics.json, the loss logs train_log.csv, val_log.csv, and mlflow_run.json.")
 @report_user_errors
-def train(params_path: str, tokens_dir: Path, tokenizer_dir: Path, model_dir: Path, reports_dir: Path) -> None:
+def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: Path, model_dir: Path,
+          reports_dir: Path) -> None:
     """Train the model described by params.yaml `model` with the settings of `train`."""
     train_params = load_section("train", params_path)
+    mlflow_params = load_section("mlflow", params_path)
     seed = load_seed(params_path)
     meta = load_meta(tokens_dir)
     config = load_model_config(meta["vocab_size"], params_path)
     tokenizer = load_tokenizer(tokenizer_dir)
     train_tokens, val_tokens = load_tokens(tokens_dir, "train"), load_tokens(tokens_dir, "val")
+    stats = json.loads(data_stats.read_text()) if data_stats.exists() else {}
 
     seed_everything(seed)
     model = DeepSeekLM(config)
     counts = model.parameter_counts()
     click.echo(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token; "
                f"{train_params.max_steps} steps of {train_params.tokens_per_step:,} tokens")
+
+    run = tracking.Run.start(params=read_params(params_path), tags=_run_tags(stats))
+    run.write_run_file(reports_dir / "mlflow_run.json")
+    run.log_metrics({f"data.{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
+                    | {f"model.parameters.{k}": v for k, v in counts.items()})
+    run.log_artifact(params_path)
+    run.log_artifact(tokenizer_dir, "tokenizer")
+
     sampler = Sampler(encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
                       decode=tokenizer.decode, prompt=train_params.sample_prompt,
                       max_new_tokens=train_params.sample_tokens, seed=seed)
     try:
         metrics = run_training(model, train_params, train_tokens, val_tokens, seed,
-                               TrainOutputs(model_dir / "checkpoints", reports_dir), sampler=sampler)
+                               TrainOutputs(model_dir / "checkpoints", reports_dir), sampler=sampler, sinks=[run])
     except ValueError as error:  # e.g. a split too short for the sequence length, or no CUDA device
+        run.finish("FAILED")
         raise UserError(str(error)) from None
-    save_model(model, model_dir / "final", tokenizer_dir=tokenizer_dir)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+
+    final_dir = save_model(model, model_dir / "final", tokenizer_dir=tokenizer_dir)
     write_json(reports_dir / "train_metrics.json", {**metrics, "parameters": counts})
+    run.log_metrics({f"final.{k}": v for k, v in metrics.items()})
+    run.log_artifact(final_dir, "checkpoint")  # the same bytes as the DVC-tracked model/final
+    for checkpoint in list_checkpoints(model_dir / "checkpoints"):
+        for name in ("model.safetensors", "config.json", "checkpoint.json"):
+            run.log_artifact(checkpoint / name, f"checkpoints/{checkpoint.name}")
+    tracking.log_model(run, final_dir, mlflow_params.model_name if mlflow_params.register_model else None,
+                       mlflow_params.alias)
+    run.finish()
     click.echo(f"done: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}; "
-               f"model in {model_dir / 'final'}")
+               f"model in {final_dir}" + (f"; MLflow run {run.run_id}" if run.active else ""))
+
+
+def _run_tags(stats: dict) -> dict[str, str]:
+    return {**tracking.git_state(), "data_sha256": stats.get("sha256", "unknown"),
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "")}
 
 
 if __name__ == "__main__":

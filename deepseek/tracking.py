@@ -1,0 +1,224 @@
+"""MLflow tracking: one run per pipeline execution, opened by the train stage and reused by the later stages.
+
+Where runs go: MLFLOW_TRACKING_URI when set (a real `mlflow server`); otherwise a SQLite store and an
+artifact folder at the repository root. DVC sets DVC_ROOT to the main repository even for `--temp` and
+queued experiments, which run in copies elsewhere, so every run lands in the same store.
+
+Tracking never stops training: if the server fails, a warning is printed once and logging stops.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+EXPERIMENT = "deepseek-repro"
+RUN_FILE = "reports/mlflow_run.json"  # the DVC output that hands the run id to evaluate and sample
+T = TypeVar("T")
+
+# Fail fast when a tracking server is down rather than retrying for minutes in the training loop.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def project_root() -> Path:
+    """DVC_ROOT under DVC, else the enclosing git repository, else the working directory."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        return Path(top.stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return Path.cwd().resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def artifact_root() -> str:
+    return (project_root() / "mlartifacts").as_uri()
+
+
+@contextmanager
+def _store_lock() -> Iterator[None]:
+    """Serialise creating the SQLite store and the experiment across parallel queued runs."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        yield
+        return
+    lock_path = project_root() / ".mlflow.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _retry(call: Callable[[], T], attempts: int = 5) -> T:
+    """SQLite allows one writer at a time; parallel queued runs may briefly see 'database is locked'."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as error:  # MlflowException or sqlalchemy's OperationalError, by backend
+            if "locked" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def client():
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.MlflowClient(tracking_uri())
+
+
+def experiment_id(mlflow_client) -> str:
+    with _store_lock():
+        found = _retry(lambda: mlflow_client.get_experiment_by_name(EXPERIMENT))
+        if found is not None:
+            return found.experiment_id
+        location = None if os.environ.get("MLFLOW_TRACKING_URI") else artifact_root()
+        return _retry(lambda: mlflow_client.create_experiment(EXPERIMENT, artifact_location=location))
+
+
+def git_state() -> dict[str, str]:
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path.cwd())
+        return result.stdout.strip() if result.returncode == 0 else ""
+    # dvc.lock changes during `dvc repro`; it does not make the code dirty.
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock", ":!reports")
+    return {"git_commit": git("rev-parse", "HEAD") or "unknown", "git_dirty": str(bool(dirty)).lower()}
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-3}} -> {'train.lr': 1e-3}; lists become JSON text."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+class Run:
+    """An MLflow run that degrades to a no-op, with one warning, when tracking fails."""
+
+    def __init__(self, mlflow_client, run_id: str | None) -> None:
+        self.client, self.run_id = mlflow_client, run_id
+
+    @classmethod
+    def start(cls, params: dict[str, Any], tags: dict[str, str]) -> Run:
+        run = cls(None, None)
+        try:
+            run.client = client()
+            exp_id = experiment_id(run.client)
+            name = os.environ.get("DVC_EXP_NAME") or None
+            run.run_id = _retry(lambda: run.client.create_run(exp_id, run_name=name, tags=tags).info.run_id)
+        except Exception as error:
+            run._disable(error)
+            return run
+        run.log_params(params)
+        return run
+
+    @classmethod
+    def resume(cls, run_file: str | Path = RUN_FILE) -> Run:
+        """The run the train stage opened, read from its DVC output."""
+        path = Path(run_file)
+        run_id = json.loads(path.read_text())["run_id"] if path.exists() else None
+        run = cls(None, run_id)
+        if run_id is None:
+            warnings.warn(f"{path} not found: this stage's results are not tracked in MLflow", stacklevel=2)
+            return run
+        try:
+            run.client = client()
+        except Exception as error:
+            run._disable(error)
+        return run
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None and self.run_id is not None
+
+    def _disable(self, error: Exception) -> None:
+        if self.client is not None or self.run_id is not None:
+            warnings.warn(f"MLflow tracking at {tracking_uri()} failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); training goes on without it",
+                          stacklevel=3)
+        self.client = None
+
+    def _do(self, action: Callable[[], Any]) -> None:
+        if not self.active:
+            return
+        try:
+            _retry(action)
+        except Exception as error:
+            self._disable(error)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        self._do(lambda: [self.client.log_batch(self.run_id, params=items[i:i + 100])
+                          for i in range(0, len(items), 100)])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._do(lambda: self.client.log_batch(self.run_id, metrics=items))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._do(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._do(lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
+        elif path.exists():
+            self._do(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._do(lambda: self.client.set_terminated(self.run_id, status))
+
+    def write_run_file(self, run_file: str | Path = RUN_FILE) -> None:
+        from deepseek.files import write_json
+
+        write_json(run_file, {"run_id": self.run_id, "experiment": EXPERIMENT})
+
+
+def log_model(run: Run, model_dir: Path, register_as: str | None, alias: str) -> str | None:
+    """Log model_dir as an MLflow pyfunc model in the run; optionally register it and point alias at it.
+
+    Returns the model URI, or None when tracking is off or fails.
+    """
+    if not run.active:
+        return None
+    import mlflow
+
+    package = Path(__file__).resolve().parent
+    try:
+        with mlflow.start_run(run_id=run.run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(package / "mlflow_model.py"), artifacts={"model": str(model_dir)},
+                code_paths=[str(package)], pip_requirements=["torch", "safetensors", "numpy", "transformers"])
+        if register_as:
+            version = _retry(lambda: mlflow.register_model(info.model_uri, register_as))
+            _retry(lambda: run.client.set_registered_model_alias(register_as, alias, version.version))
+        return info.model_uri
+    except Exception as error:
+        run._disable(error)
+        return None
