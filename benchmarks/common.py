@@ -26,11 +26,12 @@ from deepseek.trainer import resolve_device
 T = TypeVar("T")
 OURS, THEIRS = "ours", "transformers"
 
-# (batch size, sequence length) per preset and device type when --batch-size / --seq-len are not given: about a
-# minute for both models on a two-core CPU; on a GPU, the shape the original project trained the seed model with.
+# (batch size, sequence length) per preset and device type when --batch-size / --seq-len are not given. On a CPU,
+# small enough that a default train_throughput run of both models takes about a minute on two cores (the cpu
+# preset's is params.yaml's micro-batch); on a GPU, full windows and batches that keep it busy.
 DEFAULT_SHAPES: dict[str, dict[str, tuple[int, int]]] = {
     "tiny": {"cpu": (8, 64), "cuda": (64, 64)},
-    "cpu": {"cpu": (8, 256), "cuda": (64, 256)},
+    "cpu": {"cpu": (16, 256), "cuda": (64, 256)},
     "seed": {"cpu": (1, 128), "cuda": (8, 2048)},
 }
 
@@ -186,7 +187,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], T], device: torch.device, repeats: int = 1) -> tuple[T, float]:
-    """fn's result and wall-clock seconds, the fastest of repeats runs, the device's queued work finished around each."""
+    """fn's result and wall-clock seconds, the fastest of repeats runs; queued device work is waited for."""
     best = None
     for _ in range(repeats):
         synchronize(device)
@@ -197,6 +198,10 @@ def timed(fn: Callable[[], T], device: torch.device, repeats: int = 1) -> tuple[
         if best is None or seconds < best[1]:
             best = result, seconds
     return best
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def format_value(value: Any) -> str:

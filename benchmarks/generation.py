@@ -15,16 +15,17 @@ the prefill. fp32 on CPU; bf16 weights on CUDA.
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import click
 import torch
 from torch import nn
 
-from benchmarks.common import (OURS, THEIRS, device_option, greedy_generate, json_option, max_logit_diff,
+from benchmarks.common import (THEIRS, device_option, dtype_name, greedy_generate, json_option, max_logit_diff,
                                pick_device, print_header, print_table, run_header, seed_option, seeded_model,
                                threads_option, timed, transformers_twin, write_json)
-from deepseek import PRESETS, DeepSeekLM, ModelConfig
+from deepseek import PRESETS, ModelConfig
 from deepseek.trainer import resolve_dtype
 
 LATENT, NO_CACHE = "ours, latent cache", "ours, no cache"
@@ -72,13 +73,13 @@ def measure_context(models: dict[str, nn.Module], context: int, new_tokens: int,
     rows, cache_bytes, reference = [], {}, None
     for variant in VARIANTS:
         row = {"context": context, "prompt": length, "variant": variant}
-        if variant == NO_CACHE and length > no_cache_max_context:
+        if variant == NO_CACHE and context > no_cache_max_context:
             rows.append(row | {column: "skipped" for column in COLUMNS[3:]})
             continue
         click.echo(f"context {context}: {variant}", err=True)
         model = models[variant]
-        cache_bytes[variant], prefill_s = timed(lambda: prefill(model, variant, prompt, new_tokens), device, repeats)
-        tokens, total_s = timed(lambda: greedy_generate(model, prompt, new_tokens, use_cache=variant != NO_CACHE),
+        cache_bytes[variant], prefill_s = timed(partial(prefill, model, variant, prompt, new_tokens), device, repeats)
+        tokens, total_s = timed(partial(greedy_generate, model, prompt, new_tokens, use_cache=variant != NO_CACHE),
                                 device, repeats)
         continuation = tokens[:, length:]
         if variant == LATENT:
@@ -138,12 +139,12 @@ def main(preset: str, contexts: str, new_tokens: int, no_cache_max_context: int,
                                                     device)
         rows.extend(context_rows)
     standard = standard_cache_bytes_per_token(config, dtype)
-    cache_row = {"preset": preset, "dtype": str(dtype).removeprefix("torch."),
+    cache_row = {"preset": preset, "dtype": dtype_name(dtype),
                  "ours (latent) B/token": cache_bytes[LATENT], "standard MHA B/token": standard,
                  "MHA / ours": standard / cache_bytes[LATENT],
                  "transformers B/token (measured)": cache_bytes[THEIRS]}
 
-    precision = "float32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} weights"
+    precision = "float32" if dtype == torch.float32 else f"{dtype_name(dtype)} weights"
     header = run_header("Generation", device, precision) | {
         "preset": preset, "new tokens": str(new_tokens), "batch": "1",
         "transformers kernels": f"attention={theirs.config._attn_implementation}, "

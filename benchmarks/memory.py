@@ -29,7 +29,7 @@ import click
 import torch
 from torch import nn
 
-from benchmarks.common import (OURS, THEIRS, batch_shape, device_option, greedy_generate, json_option,
+from benchmarks.common import (OURS, THEIRS, batch_shape, device_option, dtype_name, greedy_generate, json_option,
                                make_train_step, pick_device, print_header, print_table, run_header, seed_option,
                                seeded_model, threads_option, token_batches, write_json)
 from benchmarks.generation import prompt_length
@@ -147,13 +147,13 @@ def main(preset: str, batch_size: int | None, seq_len: int | None, context: int,
             at_rest, peak = (value / 2**20 for value in measure_in_fresh_process(case))
             row |= {f"{implementation} at rest MiB": at_rest, f"{implementation} peak MiB": peak,
                     f"{implementation} increase MiB": peak - at_rest}
-        row["increase ours / transformers"] = row["ours increase MiB"] / row["transformers increase MiB"]
+        theirs_increase = row["transformers increase MiB"]  # 0 when the allocator had the memory already
+        row["increase ours / transformers"] = row["ours increase MiB"] / theirs_increase if theirs_increase else None
         rows.append(row)
 
     dtype = resolve_dtype("auto", device)
-    precision = ("float32" if dtype == torch.float32
-                 else f"training: {str(dtype).removeprefix('torch.')} autocast, float32 weights; "
-                      f"generation: {str(dtype).removeprefix('torch.')} weights")
+    precision = ("float32" if dtype == torch.float32 else
+                 f"training: {dtype_name(dtype)} autocast, float32 weights; generation: {dtype_name(dtype)} weights")
     meter = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
              else "process RSS (VmRSS at rest, VmHWM peak after a reset)")
     header = run_header("Memory", device, precision) | {"preset": preset, "measured": meter}

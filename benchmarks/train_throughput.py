@@ -21,10 +21,10 @@ from pathlib import Path
 import click
 import torch
 
-from benchmarks.common import (DEFAULT_SHAPES, OURS, THEIRS, batch_shape, device_option, implementation_of,
-                               json_option, make_train_step, max_logit_diff, peak_bf16_flops, pick_device,
-                               print_header, print_table, run_header, seed_option, seeded_model, threads_option, timed,
-                               token_batches, transformers_twin, write_json)
+from benchmarks.common import (DEFAULT_SHAPES, OURS, THEIRS, batch_shape, device_option, dtype_name, implementation_of,
+                               json_option, make_train_step, max_logit_diff, peak_bf16_flops, pick_device, print_header,
+                               print_table, run_header, seed_option, seeded_model, threads_option, timed, token_batches,
+                               transformers_twin, write_json)
 from deepseek import DeepSeekLM
 from deepseek.trainer import resolve_dtype
 
@@ -101,7 +101,7 @@ def main(presets: tuple[str, ...], batch_size: int | None, seq_len: int | None, 
     for preset, (preset_batch, preset_seq) in shapes.items():
         row, kernels = measure_preset(preset, device, dtype, preset_batch, preset_seq, steps, warmup, seed)
         rows.append(row)
-    precision = "float32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} autocast, float32 weights"
+    precision = "float32" if dtype == torch.float32 else f"{dtype_name(dtype)} autocast, float32 weights"
     header = run_header("Training throughput", device, precision) | {"transformers kernels": kernels}
     print_header(header)
     print_table("Tokens/s (forward + backward + AdamW step)", COLUMNS, rows,

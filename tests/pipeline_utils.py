@@ -1,0 +1,69 @@
+"""A tiny copy of this project as a git + DVC repository, for end-to-end tests."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("prepare", "tokenize", "train", "evaluate", "sample")
+
+TINY_PARAMS = {
+    "model": {"preset": "tiny"},
+    "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum_steps": 2, "seq_len": 32, "lr": 3e-3,
+              "warmup_steps": 2, "log_interval": 2, "eval_interval": 3, "eval_batches": 2, "sample_interval": 6,
+              "sample_tokens": 10, "checkpoint_interval": 3, "keep_checkpoints": 2},
+    "evaluate": {"batch_size": 32},
+    "sample": {"max_new_tokens": 12},
+}
+
+
+def tiny_corpus() -> str:
+    lines = [f"{name}:\nWhat say you, {other}? The {thing} is {mood} tonight.\n"
+             for name, other, thing, mood in zip(["ROMEO", "JULIET", "HAMLET", "OPHELIA"] * 150,
+                                                 ["sir", "madam", "good friend", "my lord"] * 150,
+                                                 ["moon", "sea", "crown", "rose", "storm"] * 120,
+                                                 ["fair", "cold", "heavy", "sweet", "wild", "still"] * 100)]
+    return "\n".join(lines)
+
+
+def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_pipeline_repo(repo: Path) -> Path:
+    """A copy of this project's tracked files in repo, with a tiny corpus and tiny params, committed."""
+    tracked = run(["git", "ls-files"], ROOT).stdout.split()
+    for name in tracked:
+        if (ROOT / name).is_file() and not name.startswith(("reports/", "dvc.lock")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    corpus = tiny_corpus()
+    (repo / "data").mkdir(exist_ok=True)
+    (repo / "data" / "input-1.txt").write_text(corpus)
+    set_params(repo, data={"sha256": hashlib.sha256(corpus.encode()).hexdigest()}, **TINY_PARAMS)
+    run(["git", "init", "-q"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline"], repo)
+    return repo
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def set_params(repo: Path, **changes: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section] = {**(params.get(section) or {}), **values}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

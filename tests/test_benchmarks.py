@@ -1,0 +1,97 @@
+"""Smoke tests: each benchmark script runs on the tiny preset and prints its tables. Speed is never asserted."""
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run(monkeypatch, tmp_path):
+    """Run a benchmark script's command on the CPU; returns its Markdown tables (as cells) and its JSON tables."""
+    monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ sits beside the package, not inside the installed one
+    threads = torch.get_num_threads()
+
+    def invoke(script: str, *args: str) -> tuple[list[list[list[str]]], dict]:
+        module = importlib.import_module(f"benchmarks.{script}")
+        out = tmp_path / f"{script}.json"
+        # One thread: a CI machine's cores may be busy, and OpenMP threads that wait on each other crawl.
+        result = CliRunner().invoke(module.main, [*args, "--device", "cpu", "--threads", "1", "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        return markdown_tables(result.stdout), json.loads(out.read_text())["tables"]
+
+    yield invoke
+    torch.set_num_threads(threads)  # --threads changed it for the whole test process
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Each Markdown table in text as rows of cells, header first, the alignment rule left out."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            if not all(set(cell) <= set("-:") for cell in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+def test_train_throughput_reports_both_implementations(run):
+    from benchmarks.train_throughput import COLUMNS
+
+    tables, data = run("train_throughput", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16",
+                       "--steps", "1", "--warmup", "0")
+    [[header, row]] = tables
+    assert header == COLUMNS
+    cells = dict(zip(header, row))
+    assert cells["preset"] == "tiny" and cells["ours MFU %"] == "n/a"  # no known peak for a CPU
+    for column in ("GFLOP/token", "ours tok/s", "transformers tok/s", "ours / transformers"):
+        assert number(cells[column]) > 0
+    [result] = data["train_throughput"]
+    assert result["ours tok/s"] > 0 and result["transformers tok/s"] > 0
+    assert result["max logit diff"] < 1e-4  # the two models really hold the same weights
+
+
+def test_generation_reports_every_variant_and_the_cache_sizes(run):
+    from benchmarks.generation import CACHE_COLUMNS, COLUMNS, VARIANTS
+
+    tables, data = run("generation", "--preset", "tiny", "--contexts", "8,32", "--new-tokens", "4",
+                       "--no-cache-max-context", "8")
+    (header, *rows), (cache_header, cache_row) = tables
+    assert header == COLUMNS and cache_header == CACHE_COLUMNS
+    assert [(row[0], row[2]) for row in rows] == [(context, variant) for context in ("8", "32") for variant in VARIANTS]
+    skipped = [row for row in rows if row[0] == "32" and row[2] == "ours, no cache"]
+    assert skipped and set(skipped[0][3:]) == {"skipped"}
+    for result in data["generation"]:
+        if result["tok/s"] != "skipped":
+            assert result["prefill s"] > 0 and result["total s"] > 0 and result["tok/s"] > 0
+    [cache] = data["cache"]
+    assert cache["ours (latent) B/token"] == (16 + 8) * 4 * 2  # (kv_lora_rank + rope) fp32 values, 2 layers
+    assert cache["standard MHA B/token"] == 2 * (8 + 8 + 8) * 4 * 2
+    assert cache["transformers B/token (measured)"] > 0
+    assert number(cache_row[2]) > 0
+
+
+def test_memory_reports_training_and_generation(run):
+    from benchmarks.memory import COLUMNS
+
+    tables, data = run("memory", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--context", "16",
+                       "--new-tokens", "4")
+    [[header, *rows]] = tables
+    assert header == COLUMNS
+    assert [row[0] for row in rows] == ["training step", "generate"]
+    for result in data["memory"]:
+        for implementation in ("ours", "transformers"):
+            assert result[f"{implementation} at rest MiB"] > 0 and result[f"{implementation} peak MiB"] > 0
+            # the allocator may serve a tiny model's call from memory it already holds: no increase is possible
+            assert result[f"{implementation} increase MiB"] >= 0
