@@ -17,6 +17,7 @@ experts but not their total.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing
 import re
@@ -101,6 +102,9 @@ def peak_memory(call: Callable[[], object], device: torch.device) -> tuple[int, 
         call()
         torch.cuda.synchronize(device)
         return at_rest, torch.cuda.max_memory_allocated(device)
+    # Give free heap pages back to the OS first: memory glibc kept from earlier calls would otherwise count as at
+    # rest and then serve the measured call without raising the RSS.
+    ctypes.CDLL(None).malloc_trim(0)
     at_rest = proc_status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak RSS) to the current RSS
     call()

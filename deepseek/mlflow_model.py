@@ -1,6 +1,6 @@
 """The MLflow pyfunc model, logged as code (MLflow's "models from code"), so loading it unpickles nothing.
 
-`mlflow.pyfunc.load_model(uri).predict(token_ids)` returns next-token logits, (batch, seq, vocab).
+`mlflow.pyfunc.load_model(uri).predict(token_ids)` returns next-token logits, [batch][seq][vocab].
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ class DeepSeekPyfunc(PythonModel):
 
         self.model = load_model(context.artifacts["model"]).eval()
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, model_input: list[list[int]], params=None) -> list[list[list[float]]]:
+        """Token ids, one list per sequence (all of one length) -> logits."""
         ids = torch.as_tensor(np.asarray(model_input), dtype=torch.long)
         with torch.no_grad():
-            return self.model(ids.reshape(-1, ids.shape[-1])).logits.numpy()
+            return self.model(ids).logits.tolist()
 
 
 set_model(DeepSeekPyfunc())

@@ -47,10 +47,15 @@ def artifact_root() -> str:
     return (project_root() / "mlartifacts").as_uri()
 
 
+def _local_store() -> bool:
+    """A SQLite store (ours, or one the user named) needs our artifact root and our lock; a server has its own."""
+    return tracking_uri().startswith("sqlite:")
+
+
 @contextmanager
 def _store_lock() -> Iterator[None]:
     """Serialise creating the SQLite store and the experiment across parallel queued runs."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+    if not _local_store():
         yield
         return
     lock_path = project_root() / ".mlflow.lock"
@@ -86,7 +91,7 @@ def experiment_id(mlflow_client) -> str:
         found = _retry(lambda: mlflow_client.get_experiment_by_name(EXPERIMENT))
         if found is not None:
             return found.experiment_id
-        location = None if os.environ.get("MLFLOW_TRACKING_URI") else artifact_root()
+        location = artifact_root() if _local_store() else None
         return _retry(lambda: mlflow_client.create_experiment(EXPERIMENT, artifact_location=location))
 
 
