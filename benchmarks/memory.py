@@ -2,10 +2,11 @@
 
 Every case runs in a fresh (spawned) process, so none inherits another's allocations or allocator caches.
 
-- CPU (Linux): resident set size from /proc/self/status. "at rest" is VmRSS just before the measured call; the
-  peak is VmHWM after resetting it to the current RSS (writing 5 to /proc/self/clear_refs), so the transient
-  memory of building the model does not hide the call's own peak. At rest includes the Python process and the
-  libraries it imported (transformers only in its own cases).
+- CPU (Linux, glibc): resident set size from /proc/self/status. "at rest" is VmRSS just before the measured call,
+  after malloc_trim has returned the heap's free pages to the OS; the peak is VmHWM after resetting it to the
+  current RSS (writing 5 to /proc/self/clear_refs), so the transient memory of building the model does not hide
+  the call's own peak. At rest includes the Python process and the libraries it imported (transformers only in
+  its own cases).
 - CUDA: torch.cuda.memory_allocated before the call and max_memory_allocated after resetting the peak.
 
 "increase" = peak - at rest. The training case is the second AdamW step, so at rest holds the weights and the
@@ -79,7 +80,8 @@ def measure(case: Case) -> tuple[int, int]:
     config = ModelConfig.from_preset(case.preset)
     greedy_generate(model, torch.zeros(1, 8, dtype=torch.long, device=device), 2)  # first-call allocations
     length = prompt_length(case.context, case.new_tokens, config.max_seq_len)
-    prompt = torch.randint(0, config.vocab_size, (1, length), device=device)
+    prompt = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(case.seed))
+    prompt = prompt.to(device)
     return peak_memory(lambda: greedy_generate(model, prompt, case.new_tokens), device)
 
 

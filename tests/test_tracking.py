@@ -1,0 +1,107 @@
+"""Every pipeline execution is one MLflow run in one store; its artifacts are the DVC outputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from deepseek.checkpoint import load_model
+from deepseek.tracking import EXPERIMENT, flatten
+from pipeline_utils import make_pipeline_repo, run
+
+
+def wait_for_queue(repo: Path, timeout_s: float = 900) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(3)
+    raise AssertionError(f"queued experiments still running after {timeout_s} s:\n{status}")
+
+
+@pytest.fixture(scope="module")
+def tracked_repo(tmp_path_factory) -> Path:
+    """dvc repro, one dvc exp run, and three queued experiments run two at a time."""
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("tracked"))
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline results"], repo)
+    run(["dvc", "exp", "run", "-n", "lr-2e-3", "-S", "train.lr=0.002"], repo)
+    for lr in ("0.001", "0.0015", "0.0025"):
+        run(["dvc", "exp", "run", "--queue", "-n", f"queued-{lr}", "-S", f"train.lr={lr}"], repo)
+    run(["dvc", "queue", "start", "-j", "2"], repo)
+    status = wait_for_queue(repo)
+    assert status.count("Success") == 3, status
+    run(["dvc", "queue", "stop"], repo, check=False)
+    run(["git", "checkout", "-q", "--", "."], repo)  # back to the baseline's outputs
+    run(["dvc", "checkout", "-q"], repo)
+    return repo
+
+
+def store(repo: Path) -> mlflow.MlflowClient:
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+@pytest.mark.slow
+def test_all_five_runs_land_in_one_store(tracked_repo):
+    client = store(tracked_repo)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.artifact_location == (tracked_repo / "mlartifacts").as_uri()
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 5
+    assert sorted(float(r.data.params["train.lr"]) for r in runs) == [0.001, 0.0015, 0.002, 0.0025, 0.003]
+    names = {r.info.run_name for r in runs}
+    assert {"lr-2e-3", "queued-0.001", "queued-0.0015", "queued-0.0025"} <= names
+    base = yaml.safe_load((tracked_repo / "params.yaml").read_text())
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert set(flatten(base)) <= set(r.data.params)  # every param, flattened
+        assert len(client.get_metric_history(r.info.run_id, "loss")) == 3  # max_steps 6, log_interval 2
+        assert len(client.get_metric_history(r.info.run_id, "val_loss")) == 2
+        assert "val.bits_per_character" in r.data.metrics and "data.characters" in r.data.metrics
+        assert {"git_commit", "git_dirty", "data_sha256", "dvc_exp_name", "dvc_baseline_rev"} <= set(r.data.tags)
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"checkpoint", "checkpoints", "samples", "figures", "tokenizer", "params.yaml", "dvc.lock"} <= artifacts
+        assert {a.path for a in client.list_artifacts(r.info.run_id, "samples")} == {"samples/samples.md",
+                                                                                     "samples/samples.json"}
+    queued = [r for r in runs if r.info.run_name.startswith("queued-")]
+    assert all(r.data.tags["dvc_baseline_rev"] for r in queued)
+
+
+@pytest.mark.slow
+def test_checkpoint_artifact_is_the_dvc_tracked_file(tracked_repo, tmp_path):
+    client = store(tracked_repo)
+    run_id = json.loads((tracked_repo / "reports" / "mlflow_run.json").read_text())["run_id"]
+    downloaded = Path(client.download_artifacts(run_id, "checkpoint", str(tmp_path)))
+    tracked = tracked_repo / "model" / "final"
+    assert (downloaded / "model.safetensors").read_bytes() == (tracked / "model.safetensors").read_bytes()
+    # ... and it is the file in DVC's cache that dvc.lock points to.
+    lock = yaml.safe_load((tracked_repo / "dvc.lock").read_text())
+    final = next(o for o in lock["stages"]["train"]["outs"] if o["path"] == "model/final")
+    manifest = tracked_repo / ".dvc" / "cache" / "files" / "md5" / final["md5"][:2] / final["md5"][2:]
+    entries = {e["relpath"]: e["md5"] for e in json.loads(manifest.read_text())}
+    assert hashlib.md5((downloaded / "model.safetensors").read_bytes()).hexdigest() == entries["model.safetensors"]
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    torch.testing.assert_close(load_model(downloaded)(ids).logits, load_model(tracked)(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_registered_model_loads_back_to_the_same_logits(tracked_repo, tmp_path):
+    client = store(tracked_repo)
+    version = client.get_model_version_by_alias("deepseek-repro", "candidate")
+    assert int(version.version) == 5  # one version per run; the alias is on the newest
+    pyfunc = mlflow.pyfunc.load_model("models:/deepseek-repro@candidate")
+    ids = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]
+    checkpoint = load_model(client.download_artifacts(version.run_id, "checkpoint", str(tmp_path)))
+    expected = checkpoint(torch.tensor(ids)).logits.detach().numpy()
+    np.testing.assert_allclose(np.array(pyfunc.predict(ids)), expected, rtol=0, atol=1e-6)
