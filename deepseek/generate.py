@@ -42,7 +42,7 @@ def generate(model: DeepSeekLM, prompt: torch.Tensor, max_new_tokens: int, tempe
     try:
         tokens = prompt
         cache = model.new_cache(prompt.shape[0], min(window, prompt.shape[1] + max_new_tokens)) if use_cache else None
-        logits = model(tokens[:, -window:], cache=cache).logits[:, -1]
+        logits = model(tokens[:, -window:], cache=cache, last_logits_only=True).logits[:, -1]
         finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         for step in range(max_new_tokens):
             next_token = sample_next(logits, temperature, top_k, top_p, generator)
@@ -54,10 +54,10 @@ def generate(model: DeepSeekLM, prompt: torch.Tensor, max_new_tokens: int, tempe
             if step == max_new_tokens - 1:
                 break
             if cache is None:
-                logits = model(tokens[:, -window:]).logits[:, -1]
+                logits = model(tokens[:, -window:], last_logits_only=True).logits[:, -1]
             elif cache.length == cache.max_len:
                 cache.length = 0
-                logits = model(tokens[:, -(cache.max_len // 2):], cache=cache).logits[:, -1]
+                logits = model(tokens[:, -(cache.max_len // 2):], cache=cache, last_logits_only=True).logits[:, -1]
             else:
                 logits = model(next_token, cache=cache).logits[:, -1]
         return tokens

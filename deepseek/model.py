@@ -71,8 +71,11 @@ class DeepSeekLM(nn.Module):
         return [block.ffn for block in self.layers if block.is_moe]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: LatentCache | None = None) -> ModelOutput:
-        """input_ids: (batch, seq). With a cache, input_ids continue the sequence the cache holds."""
+                cache: LatentCache | None = None, last_logits_only: bool = False) -> ModelOutput:
+        """input_ids: (batch, seq). With a cache, input_ids continue the sequence the cache holds.
+
+        last_logits_only skips the LM head for all but the last position (what generation needs).
+        """
         start = cache.length if cache is not None else 0
         end = start + input_ids.shape[1]
         if end > self.config.max_seq_len:
@@ -87,6 +90,8 @@ class DeepSeekLM(nn.Module):
                 aux_loss = aux_loss + layer_aux
         if cache is not None:
             cache.length = end
+        if last_logits_only:
+            x = x[:, -1:]
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:

@@ -7,7 +7,8 @@ import io
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -57,6 +58,39 @@ class History:
         for name, rows in (("train_log.csv", self.train), ("val_log.csv", self.val)):
             if rows:
                 _write_csv(reports_dir / name, rows)
+
+
+class ThroughputClock:
+    """Training tokens per second, leaving out time spent evaluating, sampling and checkpointing."""
+
+    def __init__(self) -> None:
+        self.lap_start, self.paused_s, self.lap_tokens = time.perf_counter(), 0.0, 0
+        self.total_tokens, self.total_s = 0, 0.0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
+
+    def add(self, tokens: int) -> None:
+        self.lap_tokens += tokens
+
+    def lap(self) -> float:
+        """Tokens per second since the previous lap."""
+        now = time.perf_counter()
+        elapsed = now - self.lap_start - self.paused_s
+        rate = self.lap_tokens / elapsed
+        self.total_tokens += self.lap_tokens
+        self.total_s += elapsed
+        self.lap_start, self.paused_s, self.lap_tokens = now, 0.0, 0
+        return rate
+
+    @property
+    def overall(self) -> float:
+        return self.total_tokens / self.total_s
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -113,8 +147,7 @@ def lr_multiplier(params: TrainParams) -> Callable[[int], float]:
 
 
 def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_tokens: np.ndarray, seed: int,
-          outputs: TrainOutputs, sampler: Sampler | None = None, sinks: Sequence[MetricsSink] = (),
-          run_info: dict | None = None) -> dict:
+          outputs: TrainOutputs, sampler: Sampler | None = None, sinks: Sequence[MetricsSink] = ()) -> dict:
     """Train for params.max_steps optimizer steps; returns the final metrics.
 
     The model is left trained in place; saving it is the caller's choice.
@@ -135,7 +168,7 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
                                     seed, first_step=0, last_step=params.max_steps,
                                     num_workers=params.num_workers, pin_memory=device.type == "cuda"))
     progress = tqdm(range(params.max_steps), desc="train", unit="step", dynamic_ncols=True)
-    window_start, window_tokens = time.perf_counter(), 0
+    clock = ThroughputClock()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     scored = 0
@@ -157,15 +190,14 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         loads = model.update_expert_bias()
-        window_tokens += params.tokens_per_step
+        clock.add(params.tokens_per_step)
         done = step + 1
         last = done == params.max_steps
 
         if done % params.log_interval == 0 or last:
-            elapsed = time.perf_counter() - window_start
             micro_steps = scored // (params.micro_batch_size * params.seq_len)
             metrics = {"loss": loss_sum.item() / micro_steps, "accuracy": correct.item() / scored, "lr": lr,
-                       "grad_norm": grad_norm.item(), "tokens_per_s": window_tokens / elapsed}
+                       "grad_norm": grad_norm.item(), "tokens_per_s": clock.lap()}
             layer_vio = max_violation(loads).tolist()
             metrics["max_vio"] = float(np.mean(layer_vio)) if layer_vio else 0.0
             history.train.append({"step": done, **metrics})
@@ -177,29 +209,30 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
                            f" | top experts {top}")
             loss_sum.zero_()
             correct.zero_()
-            scored, window_start, window_tokens = 0, time.perf_counter(), 0
+            scored = 0
 
-        if done % params.eval_interval == 0 or last:
-            val = evaluate(model, val_tokens, params.seq_len, params.micro_batch_size,
-                           max_batches=params.eval_batches, dtype=dtype)
-            history.val.append({"step": done, "val_loss": val["loss"]})
-            _log(sinks, {"val_loss": val["loss"]}, done)
-            progress.write(f"step {done:>6} | val loss {val['loss']:.4f}")
-            history.write(outputs.reports_dir)
+        with clock.paused():  # evaluation, samples and checkpoints do not count against throughput
+            if done % params.eval_interval == 0 or last:
+                val = evaluate(model, val_tokens, params.seq_len, params.micro_batch_size,
+                               max_batches=params.eval_batches, dtype=dtype)
+                history.val.append({"step": done, "val_loss": val["loss"]})
+                _log(sinks, {"val_loss": val["loss"]}, done)
+                progress.write(f"step {done:>6} | val loss {val['loss']:.4f}")
+                history.write(outputs.reports_dir)
 
-        if sampler is not None and (done % params.sample_interval == 0 or last):
-            progress.write(f"--- sample at step {done} ---\n{_sample(model, sampler, device)}\n---")
+            if sampler is not None and (done % params.sample_interval == 0 or last):
+                progress.write(f"--- sample at step {done} ---\n{_sample(model, sampler, device)}\n---")
 
-        if done % params.checkpoint_interval == 0 or last:
-            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
-            save_checkpoint(outputs.checkpoint_dir, done, model, trainer_state, info={**(run_info or {})},
-                            keep=params.keep_checkpoints)
+            if done % params.checkpoint_interval == 0 or last:
+                trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
+                save_checkpoint(outputs.checkpoint_dir, done, model, trainer_state, info={},
+                                keep=params.keep_checkpoints)
 
     history.write(outputs.reports_dir)
     final = history.train[-1]
     return {"train_loss": final["loss"], "train_accuracy": final["accuracy"], "val_loss": history.val[-1]["val_loss"],
-            "tokens_per_s": final["tokens_per_s"], "steps": params.max_steps,
+            "tokens_per_s": clock.overall, "steps": params.max_steps,
             "tokens": params.max_steps * params.tokens_per_step}
 
 

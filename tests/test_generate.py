@@ -47,3 +47,9 @@ def test_top_k_and_top_p_restrict_the_candidates():
     top_p = {sample_next(logits, 1.0, top_p=0.7, generator=gen).item() for _ in range(200)}
     assert top_p == {0, 1}  # 0.5 alone is below 0.7, 0.5 + 0.3 covers it
     assert sample_next(logits, 0).item() == 0
+
+
+def test_last_logits_only_is_the_last_row_of_the_full_logits(model):
+    ids = torch.randint(0, 65, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, last_logits_only=True).logits, model(ids).logits[:, -1:])

@@ -232,7 +232,7 @@ def test_pipeline_completes_when_the_tracking_server_dies_mid_training(tmp_path,
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
-    output = "".join(lines)
+    output = "".join(lines); print(output[-6000:]); print("KILLED AFTER LINE", killed_after, lines[killed_after-1:killed_after+1])
 
     assert returncode == 0, output[-5000:]
     assert stages_run(output) == set(STAGES)
