@@ -31,7 +31,8 @@ def test_table_names_metric_baseline_now_tolerance_verdict():
 
 
 def test_stale_lock_ignores_missing_outputs_but_not_changed_code_or_params():
-    fresh_clone = {"train": [{"changed deps": {"data/tokens": "deleted"}}, {"changed outs": {"model/final": "deleted"}}]}
+    fresh_clone = {"train": [{"changed deps": {"data/tokens": "deleted"}},
+                             {"changed outs": {"model/final": "deleted"}}]}
     assert stale_lock_entries(fresh_clone) == []
     stale = {"prepare": [{"changed deps": {"stages/prepare.py": "modified", "data/input": "deleted"}}],
              "sample": [{"changed deps": {"params.yaml": {"sample": "modified"}}}], "train": ["changed command"]}
@@ -50,7 +51,8 @@ def test_damaged_training_fails_the_gate_and_unchanged_code_passes(tmp_path):
     (tmp_path / "profile.yaml").write_text("seed: 7\n")
     # The tiny run lasts seconds, too short to time precisely: its throughput margin is wide.
     (tmp_path / "tolerances.yaml").write_text(yaml.safe_dump({
-        "bits_per_character": {"direction": "lower", "abs": 0.02}, "max_vio_global": {"direction": "lower", "abs": 0.15},
+        "bits_per_character": {"direction": "lower", "abs": 0.02},
+        "max_vio_global": {"direction": "lower", "abs": 0.15},
         "relative_throughput": {"direction": "higher", "rel": 0.8}}))
     common = ["--profile", str(tmp_path / "profile.yaml"), "--baseline", str(tmp_path / "baseline.json")]
     created = gate("update-baseline", *common, repo=repo)
