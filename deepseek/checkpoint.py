@@ -6,18 +6,22 @@ it is written under a temporary name, fsynced, then renamed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from deepseek.config import ModelConfig
-from deepseek.errors import UserError
+from deepseek.errors import UserError, first_line
 from deepseek.files import replacing_dir
 from deepseek.model import DeepSeekLM
 
@@ -52,7 +56,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Dee
         missing, unexpected = load_safetensors_model(model, str(model_dir / WEIGHTS), strict=False)
     except (SafetensorError, RuntimeError, OSError) as error:
         raise UserError(f"{model_dir / WEIGHTS} is not a valid safetensors file for this model "
-                        f"({str(error).splitlines()[0]})") from None
+                        f"({first_line(error)})") from None
     if missing or unexpected:
         raise UserError(f"{model_dir / WEIGHTS} does not match {CONFIG}: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
@@ -61,18 +65,29 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Dee
 
 def save_checkpoint(directory: str | Path, step: int, model: DeepSeekLM, trainer_state: dict[str, Any],
                     info: dict[str, Any], keep: int) -> Path:
-    """Write directory/step_{step:08d} and delete all but the newest `keep` checkpoints."""
-    directory = Path(directory)
+    """Write directory/step_{step:08d} and delete all but the newest `keep` checkpoints.
 
+    checkpoint.json is written last and records every file's sha256, so a damaged copy is recognised.
+    """
+    directory = Path(directory)
     path = directory / f"step_{step:08d}"
     with replacing_dir(path, marker=INFO) as tmp:
         model.config.to_json(tmp / CONFIG)
         save_safetensors_model(model, str(tmp / WEIGHTS))
         torch.save(trainer_state, tmp / TRAINER_STATE)
-        (tmp / INFO).write_text(json.dumps({"step": step, **info}, indent=2) + "\n")
+        hashes = {name: _sha256(tmp / name) for name in (CONFIG, WEIGHTS, TRAINER_STATE)}
+        (tmp / INFO).write_text(json.dumps({"step": step, "sha256": hashes, **info}, indent=2) + "\n")
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -89,4 +104,60 @@ def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types; all mean "not a file we wrote"
-        raise UserError(f"refusing to load {path}: {str(error).splitlines()[0]}") from None
+        raise UserError(f"refusing to load {path}: {first_line(error)}") from None
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    info: dict[str, Any]  # checkpoint.json: step, fingerprint, history, ...
+    trainer_state: dict[str, Any]
+
+    def load_weights(self, model: DeepSeekLM) -> None:
+        load_safetensors_model(model, str(self.path / WEIGHTS))
+
+
+def find_resume_point(directory: str | Path, fingerprint: str) -> ResumePoint | None:
+    """The newest intact checkpoint of this configuration, or None to start from scratch.
+
+    A damaged or unsafe checkpoint is skipped with a warning, and the one before it is used. Checkpoints of
+    another configuration (another fingerprint) are removed, since training from them would silently
+    mix two runs.
+    """
+    for leftover in Path(directory).glob(".step_*"):  # a checkpoint being written when the process was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    checkpoints = list_checkpoints(directory)
+    foreign = [c for c in checkpoints if _read_info(c).get("fingerprint") not in (fingerprint, None)]
+    if foreign:
+        warnings.warn(f"{len(foreign)} checkpoint(s) in {directory} come from other params or data; "
+                      "removing them and starting from scratch", stacklevel=2)
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        return None
+    for checkpoint in reversed(checkpoints):
+        try:
+            return _load_resume_point(checkpoint)
+        except UserError as error:
+            warnings.warn(f"skipping checkpoint {checkpoint.name}: {error}", stacklevel=2)
+    return None
+
+
+def _read_info(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((checkpoint / INFO).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _load_resume_point(checkpoint: Path) -> ResumePoint:
+    info = _read_info(checkpoint)
+    if "sha256" not in info:
+        raise UserError(f"{checkpoint / INFO} is damaged")
+    for name, expected in info["sha256"].items():
+        if not (checkpoint / name).is_file() or _sha256(checkpoint / name) != expected:
+            raise UserError(f"{name} is truncated or altered (its sha256 differs from {INFO})")
+    try:
+        load_safetensors(checkpoint / WEIGHTS)
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{WEIGHTS} is not a valid safetensors file ({first_line(error)})") from None
+    return ResumePoint(checkpoint, info, load_trainer_state(checkpoint))

@@ -120,6 +120,15 @@ class DeepSeekLM(nn.Module):
             moe.pending_load.zero_()
         return loads
 
+    @torch.no_grad()
+    def clear_expert_load(self) -> torch.Tensor:
+        """Drop the loads counted since the last bias update (for a skipped step); returns them."""
+        moes = self.moe_layers()
+        loads = torch.stack([moe.pending_load.clone() for moe in moes]) if moes else torch.zeros(0, 1)
+        for moe in moes:
+            moe.pending_load.zero_()
+        return loads
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> LatentCache:
         param = self.embed.weight
         return LatentCache(self.config, batch_size, max_len or self.config.max_seq_len, param.device, param.dtype)

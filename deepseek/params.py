@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
-from deepseek.errors import UserError
+from deepseek.errors import UserError, first_line
 
 PARAMS_FILE = "params.yaml"
 
@@ -64,11 +64,13 @@ class TrainParams:
     sample_tokens: int = 120
     checkpoint_interval: int = 200
     keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5  # stop (with a checkpoint) after this many skipped non-finite steps in a row
     num_workers: int = 0
 
     def check(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_interval", "eval_interval",
-                    "eval_batches", "sample_interval", "sample_tokens", "checkpoint_interval", "keep_checkpoints"):
+                    "eval_batches", "sample_interval", "sample_tokens", "checkpoint_interval", "keep_checkpoints",
+                    "max_nonfinite_steps"):
             _require(getattr(self, key) > 0, f"train.{key}", "must be positive")
         for key in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "num_workers"):
             _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
@@ -173,7 +175,7 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise UserError(f"{path} is not valid YAML: {first_line(error)}") from None
     if not isinstance(values, dict):
         raise UserError(f"{path} must hold a mapping of sections (data:, tokenizer:, ...)")
     return values

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from deepseek.errors import first_line
+
 EXPERIMENT = "deepseek-repro"
 RUN_FILE = "reports/mlflow_run.json"  # the DVC output that hands the run id to evaluate and sample
 T = TypeVar("T")
@@ -141,9 +143,15 @@ class Run:
         """The run the train stage opened, read from its DVC output."""
         path = Path(run_file)
         run_id = json.loads(path.read_text())["run_id"] if path.exists() else None
+        if run_id is None:
+            warnings.warn(f"{path} names no run: this stage's results are not tracked in MLflow", stacklevel=2)
+        return cls.attach(run_id)
+
+    @classmethod
+    def attach(cls, run_id: str | None) -> Run:
+        """An existing run, e.g. the one an interrupted training had opened."""
         run = cls(None, run_id)
         if run_id is None:
-            warnings.warn(f"{path} not found: this stage's results are not tracked in MLflow", stacklevel=2)
             return run
         try:
             run.client = client()
@@ -158,7 +166,7 @@ class Run:
     def _disable(self, error: Exception) -> None:
         if self.client is not None or self.run_id is not None:
             warnings.warn(f"MLflow tracking at {tracking_uri()} failed ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); training goes on without it",
+                          f"{first_line(error)}); training goes on without it",
                           stacklevel=3)
         self.client = None
 

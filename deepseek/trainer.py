@@ -3,15 +3,18 @@ auxiliary-loss-free balancing after every optimizer step, periodic validation, s
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ from tqdm.auto import tqdm
 
 from deepseek.balance import max_violation
 from deepseek.batches import training_batches
-from deepseek.checkpoint import save_checkpoint
+from deepseek.checkpoint import ResumePoint, save_checkpoint
 from deepseek.evaluation import autocast, evaluate
 from deepseek.files import write_text
 from deepseek.generate import generate
@@ -146,11 +149,49 @@ def lr_multiplier(params: TrainParams) -> Callable[[int], float]:
     return multiplier
 
 
-def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_tokens: np.ndarray, seed: int,
-          outputs: TrainOutputs, sampler: Sampler | None = None, sinks: Sequence[MetricsSink] = ()) -> dict:
-    """Train for params.max_steps optimizer steps; returns the final metrics.
+class TrainingStopped(Exception):
+    """Training ended early, after saving a checkpoint: on a signal, or after too many non-finite steps."""
 
-    The model is left trained in place; saving it is the caller's choice.
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report them
+
+
+@contextmanager
+def stop_requests() -> Iterator[dict]:
+    """Turn Ctrl-C and SIGTERM into a request to stop at the end of the current step."""
+    requested: dict = {}
+
+    def handler(signum, frame) -> None:
+        requested["signal"] = signal.Signals(signum)
+
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in SIGNAL_EXIT_CODES}
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run_fingerprint(*parts: Any) -> str:
+    """Identifies what a checkpoint was trained on; resuming is only allowed onto the same fingerprint."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_tokens: np.ndarray, seed: int,
+          outputs: TrainOutputs, sampler: Sampler | None = None, sinks: Sequence[MetricsSink] = (),
+          resume: ResumePoint | None = None, checkpoint_info: dict | None = None) -> dict:
+    """Train for params.max_steps optimizer steps, or what is left of them after `resume`; returns final metrics.
+
+    The model is left trained in place; saving it is the caller's choice. checkpoint_info goes into every
+    checkpoint. Raises TrainingStopped after saving a checkpoint on SIGINT/SIGTERM, or when
+    params.max_nonfinite_steps steps in a row had a non-finite loss or gradient.
     """
     device = resolve_device(params.device)
     dtype = resolve_dtype(params.dtype, device)
@@ -162,77 +203,123 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(params))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     history = History()
-    outputs.reports_dir.mkdir(parents=True, exist_ok=True)
-
-    batches = iter(training_batches(train_tokens, params.seq_len, params.micro_batch_size, params.grad_accum_steps,
-                                    seed, first_step=0, last_step=params.max_steps,
-                                    num_workers=params.num_workers, pin_memory=device.type == "cuda"))
-    progress = tqdm(range(params.max_steps), desc="train", unit="step", dynamic_ncols=True)
-    clock = ThroughputClock()
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)  # sums over the current logging window
     correct = torch.zeros((), dtype=torch.long, device=device)
     scored = 0
-    for step in progress:
-        for _ in range(params.grad_accum_steps):
-            inputs, targets = (t.to(device, non_blocking=True) for t in next(batches))
-            with autocast(device, dtype):
-                out = model(inputs, targets)
-            scaler.scale(out.loss / params.grad_accum_steps).backward()
-            # Running sums stay on the device, so the step never waits for the host.
-            loss_sum += out.loss.detach()
-            correct += (out.logits.detach().argmax(dim=-1) == targets).sum()
-            scored += targets.numel()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        loads = model.update_expert_bias()
-        clock.add(params.tokens_per_step)
-        done = step + 1
-        last = done == params.max_steps
+    start_step = 0
+    if resume is not None:
+        resume.load_weights(model)
+        state = resume.trainer_state
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        loss_sum.fill_(state["window"]["loss_sum"])
+        correct.fill_(state["window"]["correct"])
+        scored = state["window"]["scored"]
+        history = History(**resume.info["history"])
+        start_step = resume.info["step"]
+    outputs.reports_dir.mkdir(parents=True, exist_ok=True)
 
-        if done % params.log_interval == 0 or last:
-            micro_steps = scored // (params.micro_batch_size * params.seq_len)
-            metrics = {"loss": loss_sum.item() / micro_steps, "accuracy": correct.item() / scored, "lr": lr,
-                       "grad_norm": grad_norm.item(), "tokens_per_s": clock.lap()}
-            layer_vio = max_violation(loads).tolist()
-            metrics["max_vio"] = float(np.mean(layer_vio)) if layer_vio else 0.0
-            history.train.append({"step": done, **metrics})
-            _log(sinks, {**metrics, **{f"max_vio/layer_{i}": v for i, v in enumerate(layer_vio)}}, done)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
-            top = loads.sum(dim=0).topk(min(3, loads.shape[1])).indices.tolist() if len(loads) else []
-            progress.write(f"step {done:>6} | loss {metrics['loss']:.4f} | acc {metrics['accuracy']:.3f} | "
-                           f"lr {lr:.2e} | {metrics['tokens_per_s']:>8,.0f} tok/s | max_vio {metrics['max_vio']:.3f}"
-                           f" | top experts {top}")
-            loss_sum.zero_()
-            correct.zero_()
-            scored = 0
+    def checkpoint(step: int) -> Path:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "window": {"loss_sum": loss_sum.item(), "correct": correct.item(), "scored": scored}}
+        info = {**(checkpoint_info or {}), "history": {"train": history.train, "val": history.val}}
+        return save_checkpoint(outputs.checkpoint_dir, step, model, state, info, keep=params.keep_checkpoints)
 
-        with clock.paused():  # evaluation, samples and checkpoints do not count against throughput
-            if done % params.eval_interval == 0 or last:
-                val = evaluate(model, val_tokens, params.seq_len, params.micro_batch_size,
-                               max_batches=params.eval_batches, dtype=dtype)
-                history.val.append({"step": done, "val_loss": val["loss"]})
-                _log(sinks, {"val_loss": val["loss"]}, done)
-                progress.write(f"step {done:>6} | val loss {val['loss']:.4f}")
-                history.write(outputs.reports_dir)
+    batches = iter(training_batches(train_tokens, params.seq_len, params.micro_batch_size, params.grad_accum_steps,
+                                    seed, first_step=start_step, last_step=params.max_steps,
+                                    num_workers=params.num_workers, pin_memory=device.type == "cuda"))
+    if resume is not None:
+        torch.set_rng_state(resume.trainer_state["torch_rng"])
+    progress = tqdm(range(start_step, params.max_steps), initial=start_step, total=params.max_steps, desc="train",
+                    unit="step", dynamic_ncols=True)
+    if resume is not None:
+        progress.write(f"resuming from {resume.path} at step {start_step}")
+    clock = ThroughputClock()
+    nonfinite_streak = 0
+    with stop_requests() as stop:
+        for step in progress:
+            step_loss = torch.zeros((), device=device)
+            step_correct = torch.zeros((), dtype=torch.long, device=device)
+            for _ in range(params.grad_accum_steps):
+                inputs, targets = (t.to(device, non_blocking=True) for t in next(batches))
+                with autocast(device, dtype):
+                    out = model(inputs, targets)
+                scaler.scale(out.loss / params.grad_accum_steps).backward()
+                # Running sums stay on the device, so the micro-steps never wait for the host.
+                step_loss += out.loss.detach()
+                step_correct += (out.logits.detach().argmax(dim=-1) == targets).sum()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            done = step + 1
+            # One host sync per optimizer step: never train on NaN or inf.
+            if bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss)):
+                scaler.step(optimizer)
+                loads = model.update_expert_bias()
+                nonfinite_streak = 0
+                loss_sum += step_loss
+                correct += step_correct
+                scored += params.micro_batch_size * params.grad_accum_steps * params.seq_len
+            else:  # skipped: no update, but the step still counts towards max_steps and the schedule
+                loads = model.clear_expert_load()
+                nonfinite_streak += 1
+                progress.write(f"step {done:>6} | non-finite loss or gradient: step skipped "
+                               f"({nonfinite_streak} in a row)")
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            clock.add(params.tokens_per_step)
+            last = done == params.max_steps
 
-            if sampler is not None and (done % params.sample_interval == 0 or last):
-                progress.write(f"--- sample at step {done} ---\n{_sample(model, sampler, device)}\n---")
+            if (done % params.log_interval == 0 or last) and scored:
+                metrics = {"loss": loss_sum.item() / (scored // (params.micro_batch_size * params.seq_len)),
+                           "accuracy": correct.item() / scored, "lr": lr, "grad_norm": grad_norm.item(),
+                           "tokens_per_s": clock.lap()}
+                layer_vio = max_violation(loads).tolist()
+                metrics["max_vio"] = float(np.mean(layer_vio)) if layer_vio else 0.0
+                history.train.append({"step": done, **metrics})
+                _log(sinks, {**metrics, **{f"max_vio/layer_{i}": v for i, v in enumerate(layer_vio)}}, done)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
+                top = loads.sum(dim=0).topk(min(3, loads.shape[1])).indices.tolist() if len(loads) else []
+                progress.write(f"step {done:>6} | loss {metrics['loss']:.4f} | acc {metrics['accuracy']:.3f} | "
+                               f"lr {lr:.2e} | {metrics['tokens_per_s']:>8,.0f} tok/s | "
+                               f"max_vio {metrics['max_vio']:.3f} | top experts {top}")
+                loss_sum.zero_()
+                correct.zero_()
+                scored = 0
 
-            if done % params.checkpoint_interval == 0 or last:
-                trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
-                save_checkpoint(outputs.checkpoint_dir, done, model, trainer_state, info={},
-                                keep=params.keep_checkpoints)
+            with clock.paused():  # evaluation, samples and checkpoints do not count against throughput
+                if done % params.eval_interval == 0 or last:
+                    val = evaluate(model, val_tokens, params.seq_len, params.micro_batch_size,
+                                   max_batches=params.eval_batches, dtype=dtype)
+                    history.val.append({"step": done, "val_loss": val["loss"]})
+                    _log(sinks, {"val_loss": val["loss"]}, done)
+                    progress.write(f"step {done:>6} | val loss {val['loss']:.4f}")
+                    history.write(outputs.reports_dir)
+
+                if sampler is not None and (done % params.sample_interval == 0 or last):
+                    progress.write(f"--- sample at step {done} ---\n{_sample(model, sampler, device)}\n---")
+
+                if done % params.checkpoint_interval == 0 or last:
+                    checkpoint(done)
+
+            if nonfinite_streak >= params.max_nonfinite_steps:
+                path = checkpoint(done)
+                raise TrainingStopped(f"{nonfinite_streak} steps in a row had a non-finite loss or gradient "
+                                      f"(up to step {done}); stopped, checkpoint {path}. Lower train.lr or "
+                                      "raise train.grad_clip, then rerun to resume", exit_code=1)
+            if "signal" in stop and not last:
+                path = checkpoint(done)
+                raise TrainingStopped(f"{stop['signal'].name} received: stopped at step {done}, checkpoint "
+                                      f"{path}. Rerun the same command (or dvc repro) to resume",
+                                      exit_code=SIGNAL_EXIT_CODES[stop["signal"]])
 
     history.write(outputs.reports_dir)
     final = history.train[-1]
     return {"train_loss": final["loss"], "train_accuracy": final["accuracy"], "val_loss": history.val[-1]["val_loss"],
-            "tokens_per_s": clock.overall, "steps": params.max_steps,
+            "tokens_per_s": clock.overall if clock.total_s else final["tokens_per_s"], "steps": params.max_steps,
             "tokens": params.max_steps * params.tokens_per_step}
 
 

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
 
 from deepseek import tracking
-from deepseek.checkpoint import list_checkpoints, save_model
+from deepseek.checkpoint import find_resume_point, list_checkpoints, save_model
 from deepseek.errors import UserError, report_user_errors
 from deepseek.files import write_json
 from deepseek.model import DeepSeekLM
 from deepseek.params import load_model_config, load_section, load_seed, read_params
 from deepseek.tokenizer import load_meta, load_tokenizer, load_tokens
-from deepseek.trainer import Sampler, TrainOutputs, seed_everything
+from deepseek.trainer import Sampler, TrainingStopped, TrainOutputs, run_fingerprint, seed_everything
 from deepseek.trainer import train as run_training
 
 
@@ -35,7 +36,15 @@ from deepseek.trainer import train as run_training
 @report_user_errors
 def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: Path, model_dir: Path,
           reports_dir: Path) -> None:
-    """Train the model described by params.yaml `model` with the settings of `train`."""
+    """Train the model described by params.yaml `model` with the settings of `train`.
+
+    \b
+    Checkpoints go to MODEL_DIR/checkpoints every train.checkpoint_interval steps (the newest
+    train.keep_checkpoints are kept). After a crash, a kill or an interrupt, rerunning resumes from the
+    newest intact checkpoint made with the same params and data, and ends with the same metrics.
+    Exit codes: 0 done; 1 error (including train.max_nonfinite_steps non-finite steps in a row);
+    130 stopped by Ctrl-C and 143 by SIGTERM, both after saving a checkpoint.
+    """
     train_params = load_section("train", params_path)
     mlflow_params = load_section("mlflow", params_path)
     seed = load_seed(params_path)
@@ -51,19 +60,29 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
     click.echo(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token; "
                f"{train_params.max_steps} steps of {train_params.tokens_per_step:,} tokens")
 
-    run = tracking.Run.start(params=read_params(params_path), tags=_run_tags(stats))
+    fingerprint = run_fingerprint(config.to_dict(), vars(train_params), seed, meta, stats.get("sha256"))
+    resume = find_resume_point(model_dir / "checkpoints", fingerprint)
+    if resume is not None and resume.info.get("mlflow_run_id"):
+        run = tracking.Run.attach(resume.info["mlflow_run_id"])  # an interrupted run goes on in the same MLflow run
+    else:
+        run = tracking.Run.start(params=read_params(params_path), tags=_run_tags(stats))
+        run.log_metrics({f"data.{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
+                        | {f"model.parameters.{k}": v for k, v in counts.items()})
+        run.log_artifact(params_path)
+        run.log_artifact(tokenizer_dir, "tokenizer")
     run.write_run_file(reports_dir / "mlflow_run.json")
-    run.log_metrics({f"data.{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
-                    | {f"model.parameters.{k}": v for k, v in counts.items()})
-    run.log_artifact(params_path)
-    run.log_artifact(tokenizer_dir, "tokenizer")
 
     sampler = Sampler(encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
                       decode=tokenizer.decode, prompt=train_params.sample_prompt,
                       max_new_tokens=train_params.sample_tokens, seed=seed)
     try:
         metrics = run_training(model, train_params, train_tokens, val_tokens, seed,
-                               TrainOutputs(model_dir / "checkpoints", reports_dir), sampler=sampler, sinks=[run])
+                               TrainOutputs(model_dir / "checkpoints", reports_dir), sampler=sampler, sinks=[run],
+                               resume=resume, checkpoint_info={"fingerprint": fingerprint, "mlflow_run_id": run.run_id})
+    except TrainingStopped as stopped:
+        run.finish("KILLED")
+        click.echo(f"Error: {stopped}", err=True)
+        sys.exit(stopped.exit_code)
     except ValueError as error:  # e.g. a split too short for the sequence length, or no CUDA device
         run.finish("FAILED")
         raise UserError(str(error)) from None

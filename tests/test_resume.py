@@ -1,0 +1,226 @@
+"""Fault-tolerant training: kill -9 and resume, SIGTERM, damaged or malicious checkpoints, non-finite steps."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from deepseek.checkpoint import find_resume_point, list_checkpoints
+from pipeline_utils import ROOT, TINY_PARAMS, tiny_corpus
+from stages.prepare import prepare
+from stages.tokenize import tokenize
+
+# Slow enough per step (a few tens of ms) that a kill lands between checkpoints.
+RESUME_PARAMS = {"max_steps": 30, "micro_batch_size": 8, "grad_accum_steps": 4, "seq_len": 64, "log_interval": 3,
+                 "eval_interval": 10, "checkpoint_interval": 2, "keep_checkpoints": 2, "sample_interval": 30}
+
+
+def workspace(path: Path, monkeypatch, **train) -> Path:
+    """A directory with params.yaml and the prepare and tokenize outputs, ready for `python -m stages.train`."""
+    path.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY_PARAMS.items():
+        params[section] = {**params[section], **values}
+    params["train"].update(train)
+    params["tokenizer"] = {"kind": "char"}
+    corpus = tiny_corpus()
+    (path / "data").mkdir(exist_ok=True)
+    (path / "data" / "input-1.txt").write_text(corpus)
+    params["data"]["sha256"] = hashlib.sha256(corpus.encode()).hexdigest()
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(path)
+    for command in (prepare, tokenize):
+        result = CliRunner().invoke(command, [])
+        assert result.exit_code == 0, result.output
+    return path
+
+
+def train_process(path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{path / 'mlflow.db'}"}
+    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def newest_step(path: Path) -> int:
+    checkpoints = list_checkpoints(path / "model" / "checkpoints")
+    return int(checkpoints[-1].name.split("_")[1]) if checkpoints else 0
+
+
+def kill_after(path: Path, step: int, sig: int = signal.SIGKILL) -> subprocess.Popen:
+    process = train_process(path)
+    deadline = time.monotonic() + 120
+    while newest_step(path) < step:
+        assert process.poll() is None, f"training ended before step {step}:\n{process.stdout.read()}"
+        assert time.monotonic() < deadline, "training did not reach the step in time"
+        time.sleep(0.01)
+    process.send_signal(sig)
+    process.wait(timeout=120)
+    return process
+
+
+def finish(path: Path) -> str:
+    process = train_process(path)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    return output
+
+
+def results(path: Path) -> tuple[dict, dict[str, torch.Tensor], list[dict]]:
+    metrics = json.loads((path / "reports" / "train_metrics.json").read_text())
+    metrics.pop("tokens_per_s")
+    with open(path / "reports" / "train_log.csv", newline="") as f:
+        rows = [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in csv.DictReader(f)]
+    return metrics, load_file(path / "model" / "final" / "model.safetensors"), rows
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        path = workspace(tmp_path_factory.mktemp("straight"), monkeypatch, **RESUME_PARAMS)
+        finish(path)
+        return results(path)
+
+
+def assert_same_training(path: Path, reference) -> None:
+    metrics, weights, rows = results(path)
+    ref_metrics, ref_weights, ref_rows = reference
+    assert metrics == ref_metrics
+    assert rows == ref_rows and len(rows) == 10  # every logged value but the throughput
+    assert weights.keys() == ref_weights.keys()
+    for name in weights:
+        assert torch.equal(weights[name], ref_weights[name]), name
+
+
+@pytest.mark.slow
+def test_kill_9_at_three_points_then_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, uninterrupted):
+    path = workspace(tmp_path, monkeypatch, **RESUME_PARAMS)
+    for step in (4, 13, 22):  # not multiples of the logging interval: windows are resumed mid-way
+        killed = kill_after(path, step)
+        assert killed.returncode == -signal.SIGKILL
+    output = finish(path)
+    assert "resuming from" in output
+    assert_same_training(path, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(tmp_path, monkeypatch, uninterrupted):
+    path = workspace(tmp_path, monkeypatch, **RESUME_PARAMS)
+    stopped = kill_after(path, 6, signal.SIGTERM)
+    output = stopped.stdout.read()
+    assert stopped.returncode == 143, output
+    assert "SIGTERM received: stopped at step" in output and "Traceback" not in output
+    stopped_at = int(output.split("stopped at step ")[1].split(",")[0])
+    assert newest_step(path) == stopped_at
+    finish(path)
+    assert_same_training(path, uninterrupted)
+
+
+def make_checkpoints(path: Path, monkeypatch) -> list[Path]:
+    path = workspace(path, monkeypatch, max_steps=4, checkpoint_interval=2, keep_checkpoints=3)
+    finish(path)
+    checkpoints = list_checkpoints(path / "model" / "checkpoints")
+    assert [c.name for c in checkpoints] == ["step_00000002", "step_00000004"]
+    return checkpoints
+
+
+def fingerprint_of(checkpoint: Path) -> str:
+    return json.loads((checkpoint / "checkpoint.json").read_text())["fingerprint"]
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypatch):
+    older, latest = make_checkpoints(tmp_path, monkeypatch)
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="skipping checkpoint step_00000004: model.safetensors is truncated"):
+        point = find_resume_point(latest.parent, fingerprint_of(latest))
+    assert point.path == older
+
+
+class Payload:
+    """Unpickling this runs a shell command that leaves a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant_pickle(path: Path, marker: Path) -> None:
+    with open(path, "wb") as f:
+        pickle.dump({"optimizer": Payload(marker)}, f)
+
+
+@pytest.mark.slow
+def test_malicious_pickle_is_refused_everywhere_and_never_runs(tmp_path, monkeypatch):
+    older, latest = make_checkpoints(tmp_path / "ws", monkeypatch)
+    marker = tmp_path / "pwned"
+    # Resume: the attacker even fixes the recorded hash; torch.load(weights_only=True) still refuses.
+    plant_pickle(latest / "trainer_state.pt", marker)
+    info = json.loads((latest / "checkpoint.json").read_text())
+    info["sha256"]["trainer_state.pt"] = hashlib.sha256((latest / "trainer_state.pt").read_bytes()).hexdigest()
+    (latest / "checkpoint.json").write_text(json.dumps(info))
+    with pytest.warns(UserWarning, match="refusing to load .*trainer_state.pt"):
+        assert find_resume_point(latest.parent, fingerprint_of(latest)).path == older
+    # Every command that loads a model directory: the weights file is now a pickle.
+    final = tmp_path / "ws" / "model" / "final"
+    plant_pickle(final / "model.safetensors", marker)
+    commands = [["evaluate"], ["sample"], ["generate", "hello"], ["export-hf", "--out", str(tmp_path / "hf")]]
+    for args in commands:
+        result = subprocess.run([sys.executable, "-m", "deepseek.cli", *args], cwd=tmp_path / "ws",
+                                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert "is not a valid safetensors file" in result.stderr and "Traceback" not in result.stderr, args
+    assert not marker.exists()
+    assert not (tmp_path / "hf").exists()
+
+
+def test_non_finite_steps_are_skipped_and_too_many_stop_training(tmp_path):
+    import numpy as np
+
+    from deepseek import DeepSeekLM, ModelConfig
+    from deepseek.params import TrainParams
+    from deepseek.trainer import TrainingStopped, TrainOutputs, train
+
+    tokens = np.random.default_rng(0).integers(0, 65, 5000).astype(np.uint16)
+    params = TrainParams(max_steps=6, micro_batch_size=2, grad_accum_steps=1, seq_len=16, log_interval=1,
+                         eval_interval=6, eval_batches=1, checkpoint_interval=100, max_nonfinite_steps=3)
+    model = DeepSeekLM(ModelConfig.from_preset("tiny"))
+    calls = {"n": 0}
+
+    def poison_step_two(module, inputs, output):  # the third forward (step 3) returns NaN logits
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 3 else output
+
+    handle = model.head.register_forward_hook(poison_step_two)
+    train(model, params, tokens, tokens, 0, TrainOutputs(tmp_path / "ck", tmp_path / "rep"))
+    handle.remove()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(list((tmp_path / "rep").glob("train_log.csv"))) == 1
+
+    broken = DeepSeekLM(ModelConfig.from_preset("tiny"))
+    with torch.no_grad():
+        broken.norm.weight.fill_(float("nan"))
+    before = {k: v.clone() for k, v in broken.state_dict().items()}
+    with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss") as stopped:
+        train(broken, params, tokens, tokens, 0, TrainOutputs(tmp_path / "ck2", tmp_path / "rep2"))
+    assert stopped.value.exit_code == 1
+    assert [c.name for c in list_checkpoints(tmp_path / "ck2")] == ["step_00000003"]
+    for name, value in broken.state_dict().items():  # never trained on NaN: nothing moved
+        if name != "norm.weight":
+            assert torch.equal(value, before[name]), name
