@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from deepseek import distributed
 from deepseek.attention import LatentCache, MultiHeadLatentAttention
 from deepseek.config import ModelConfig
 from deepseek.layers import RMSNorm, SwiGLU, rope_tables
@@ -111,9 +111,7 @@ class DeepSeekLM(nn.Module):
         moes = self.moe_layers()
         if not moes:
             return torch.zeros(0, self.config.num_routed_experts)
-        loads = torch.stack([moe.pending_load for moe in moes])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(loads)
+        loads = distributed.sum_across_ranks(torch.stack([moe.pending_load for moe in moes]))
         rate = self.config.bias_update_rate
         for moe, load in zip(moes, loads):
             moe.gate.expert_bias += rate * torch.sign(load.mean() - load)

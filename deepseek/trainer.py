@@ -11,15 +11,17 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from deepseek import distributed
 from deepseek.balance import max_violation
 from deepseek.batches import training_batches
 from deepseek.checkpoint import ResumePoint, save_checkpoint
@@ -111,11 +113,12 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when available. Under torchrun each rank takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device is cuda but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
+    return torch.device("cuda", distributed.local_rank()) if name == "cuda" else torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -199,6 +202,10 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model.to(device).train()
+    # broadcast_buffers=False: each rank's expert-load counts are its own until update_expert_bias sums them.
+    step_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          broadcast_buffers=False) if distributed.active() else model)
+    main_rank = distributed.is_main()
     optimizer = build_optimizer(model, params, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(params))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -225,28 +232,34 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
                  "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
                  "window": {"loss_sum": loss_sum.item(), "correct": correct.item(), "scored": scored}}
         info = {**(checkpoint_info or {}), "history": {"train": history.train, "val": history.val}}
-        return save_checkpoint(outputs.checkpoint_dir, step, model, state, info, keep=params.keep_checkpoints)
+        if main_rank:
+            save_checkpoint(outputs.checkpoint_dir, step, model, state, info, keep=params.keep_checkpoints)
+        return outputs.checkpoint_dir / f"step_{step:08d}"
 
     batches = iter(training_batches(train_tokens, params.seq_len, params.micro_batch_size, params.grad_accum_steps,
                                     seed, first_step=start_step, last_step=params.max_steps,
+                                    rank=distributed.rank(), world_size=distributed.world_size(),
                                     num_workers=params.num_workers, pin_memory=device.type == "cuda"))
     if resume is not None:
         torch.set_rng_state(resume.trainer_state["torch_rng"])
     progress = tqdm(range(start_step, params.max_steps), initial=start_step, total=params.max_steps, desc="train",
-                    unit="step", dynamic_ncols=True)
+                    unit="step", dynamic_ncols=True, disable=not main_rank)
+    say = progress.write if main_rank else (lambda text: None)  # one rank speaks
     if resume is not None:
-        progress.write(f"resuming from {resume.path} at step {start_step}")
+        say(f"resuming from {resume.path} at step {start_step}")
     clock = ThroughputClock()
     nonfinite_streak = 0
     with stop_requests() as stop:
         for step in progress:
             step_loss = torch.zeros((), device=device)
             step_correct = torch.zeros((), dtype=torch.long, device=device)
-            for _ in range(params.grad_accum_steps):
+            for micro_step in range(params.grad_accum_steps):
                 inputs, targets = (t.to(device, non_blocking=True) for t in next(batches))
-                with autocast(device, dtype):
-                    out = model(inputs, targets)
-                scaler.scale(out.loss / params.grad_accum_steps).backward()
+                # Under DDP, gradients are averaged across ranks once per step, on the last micro-batch.
+                sync = micro_step == params.grad_accum_steps - 1 or not distributed.active()
+                with autocast(device, dtype), (nullcontext() if sync else step_model.no_sync()):
+                    out = step_model(inputs, targets)
+                    scaler.scale(out.loss / params.grad_accum_steps).backward()
                 # Running sums stay on the device, so the micro-steps never wait for the host.
                 step_loss += out.loss.detach()
                 step_correct += (out.logits.detach().argmax(dim=-1) == targets).sum()
@@ -254,8 +267,8 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip or float("inf"))
             lr = scheduler.get_last_lr()[0]
             done = step + 1
-            # One host sync per optimizer step: never train on NaN or inf.
-            if bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss)):
+            # One host sync per optimizer step, the same decision on every rank: never train on NaN or inf.
+            if distributed.all_ranks_agree(torch.isfinite(grad_norm) & torch.isfinite(step_loss)):
                 scaler.step(optimizer)
                 loads = model.update_expert_bias()
                 nonfinite_streak = 0
@@ -265,7 +278,7 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
             else:  # skipped: no update, but the step still counts towards max_steps and the schedule
                 loads = model.clear_expert_load()
                 nonfinite_streak += 1
-                progress.write(f"step {done:>6} | non-finite loss or gradient: step skipped "
+                say(f"step {done:>6} | non-finite loss or gradient: step skipped "
                                f"({nonfinite_streak} in a row)")
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -274,6 +287,9 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
             last = done == params.max_steps
 
             if (done % params.log_interval == 0 or last) and scored:
+                distributed.sum_across_ranks(loss_sum)  # the window's totals over the whole global batch
+                distributed.sum_across_ranks(correct)
+                scored *= distributed.world_size()
                 metrics = {"loss": loss_sum.item() / (scored // (params.micro_batch_size * params.seq_len)),
                            "accuracy": correct.item() / scored, "lr": lr, "grad_norm": grad_norm.item(),
                            "tokens_per_s": clock.lap()}
@@ -283,7 +299,7 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
                 _log(sinks, {**metrics, **{f"max_vio/layer_{i}": v for i, v in enumerate(layer_vio)}}, done)
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
                 top = loads.sum(dim=0).topk(min(3, loads.shape[1])).indices.tolist() if len(loads) else []
-                progress.write(f"step {done:>6} | loss {metrics['loss']:.4f} | acc {metrics['accuracy']:.3f} | "
+                say(f"step {done:>6} | loss {metrics['loss']:.4f} | acc {metrics['accuracy']:.3f} | "
                                f"lr {lr:.2e} | {metrics['tokens_per_s']:>8,.0f} tok/s | "
                                f"max_vio {metrics['max_vio']:.3f} | top experts {top}")
                 loss_sum.zero_()
@@ -291,16 +307,16 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
                 scored = 0
 
             with clock.paused():  # evaluation, samples and checkpoints do not count against throughput
-                if done % params.eval_interval == 0 or last:
+                if main_rank and (done % params.eval_interval == 0 or last):
                     val = evaluate(model, val_tokens, params.seq_len, params.micro_batch_size,
                                    max_batches=params.eval_batches, dtype=dtype)
                     history.val.append({"step": done, "val_loss": val["loss"]})
                     _log(sinks, {"val_loss": val["loss"]}, done)
-                    progress.write(f"step {done:>6} | val loss {val['loss']:.4f}")
+                    say(f"step {done:>6} | val loss {val['loss']:.4f}")
                     history.write(outputs.reports_dir)
 
-                if sampler is not None and (done % params.sample_interval == 0 or last):
-                    progress.write(f"--- sample at step {done} ---\n{_sample(model, sampler, device)}\n---")
+                if main_rank and sampler is not None and (done % params.sample_interval == 0 or last):
+                    say(f"--- sample at step {done} ---\n{_sample(model, sampler, device)}\n---")
 
                 if done % params.checkpoint_interval == 0 or last:
                     checkpoint(done)
@@ -316,11 +332,13 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
                                       f"{path}. Rerun the same command (or dvc repro) to resume",
                                       exit_code=SIGNAL_EXIT_CODES[stop["signal"]])
 
-    history.write(outputs.reports_dir)
+    if main_rank:
+        history.write(outputs.reports_dir)
     final = history.train[-1]
-    return {"train_loss": final["loss"], "train_accuracy": final["accuracy"], "val_loss": history.val[-1]["val_loss"],
+    return {"train_loss": final["loss"], "train_accuracy": final["accuracy"],
+            "val_loss": history.val[-1]["val_loss"] if history.val else None,
             "tokens_per_s": clock.overall if clock.total_s else final["tokens_per_s"], "steps": params.max_steps,
-            "tokens": params.max_steps * params.tokens_per_step}
+            "tokens": params.max_steps * params.tokens_per_step * distributed.world_size()}
 
 
 def _log(sinks: Sequence[MetricsSink], metrics: dict[str, float], step: int) -> None:

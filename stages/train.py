@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from deepseek import tracking
+from deepseek import distributed, tracking
 from deepseek.checkpoint import find_resume_point, list_checkpoints, save_model
 from deepseek.errors import UserError, report_user_errors
 from deepseek.files import write_json
@@ -42,9 +42,11 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
     Checkpoints go to MODEL_DIR/checkpoints every train.checkpoint_interval steps (the newest
     train.keep_checkpoints are kept). After a crash, a kill or an interrupt, rerunning resumes from the
     newest intact checkpoint made with the same params and data, and ends with the same metrics.
+    Data-parallel on N processes: torchrun --nproc_per_node N -m stages.train (gloo on CPU, NCCL on GPU).
     Exit codes: 0 done; 1 error (including train.max_nonfinite_steps non-finite steps in a row);
     130 stopped by Ctrl-C and 143 by SIGTERM, both after saving a checkpoint.
     """
+    distributed.init_from_env()  # under torchrun; a no-op for one process
     train_params = load_section("train", params_path)
     mlflow_params = load_section("mlflow", params_path)
     seed = load_seed(params_path)
@@ -62,7 +64,9 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
 
     fingerprint = run_fingerprint(config.to_dict(), vars(train_params), seed, meta, stats.get("sha256"))
     resume = find_resume_point(model_dir / "checkpoints", fingerprint)
-    if resume is not None and resume.info.get("mlflow_run_id"):
+    if not distributed.is_main():
+        run = tracking.Run(None, None)  # only rank 0 tracks and writes files
+    elif resume is not None and resume.info.get("mlflow_run_id"):
         run = tracking.Run.attach(resume.info["mlflow_run_id"])  # an interrupted run goes on in the same MLflow run
     else:
         run = tracking.Run.start(params=read_params(params_path), tags=_run_tags(stats))
@@ -70,7 +74,8 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
                         | {f"model.parameters.{k}": v for k, v in counts.items()})
         run.log_artifact(params_path)
         run.log_artifact(tokenizer_dir, "tokenizer")
-    run.write_run_file(reports_dir / "mlflow_run.json")
+    if distributed.is_main():
+        run.write_run_file(reports_dir / "mlflow_run.json")
 
     sampler = Sampler(encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
                       decode=tokenizer.decode, prompt=train_params.sample_prompt,
@@ -90,6 +95,8 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
         run.finish("FAILED")
         raise
 
+    if not distributed.is_main():
+        return
     final_dir = save_model(model, model_dir / "final", tokenizer_dir=tokenizer_dir)
     write_json(reports_dir / "train_metrics.json", {**metrics, "parameters": counts})
     run.log_metrics({f"final.{k}": v for k, v in metrics.items()})
