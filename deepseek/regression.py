@@ -6,7 +6,6 @@ with the code and params. `python -m deepseek.regression update-baseline` record
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -23,6 +22,8 @@ import click
 import torch
 import yaml
 from torch import nn
+
+from deepseek.trainer import run_fingerprint
 
 PROFILE = Path(".ci/profile.yaml")
 TOLERANCES = Path(".ci/tolerances.yaml")
@@ -190,10 +191,6 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _profile_hash(params: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
     overrides = {}
     for item in items:
@@ -245,7 +242,7 @@ def check(repo: Path, profile: Path, baseline_path: Path, overrides: tuple[str, 
     if not no_lock_check:
         rows.append(Row("dvc.lock up to date", "yes", "yes" if not stale else "no: " + "; ".join(stale[:4]),
                         "must be yes (run `dvc repro` and commit dvc.lock)", not stale))
-    same_profile = baseline.get("profile_hash") == _profile_hash(params)
+    same_profile = baseline.get("profile_hash") == run_fingerprint(params)
     rows.append(Row("baseline made with this profile", "yes", "yes" if same_profile else "no",
                     "must be yes (update the baseline after changing the profile)", same_profile))
     table = render(rows)
@@ -269,7 +266,7 @@ def update_baseline(repo: Path, profile: Path, baseline_path: Path, overrides: t
     params = profile_params(repo, repo / profile, _parse_overrides(overrides))
     result = measure(repo, params, None)
     baseline = {"metrics": result["metrics"], "throughput": result["throughput"], "reports": result["reports"],
-                "profile_hash": _profile_hash(params), "machine": f"{platform.processor() or platform.machine()}, "
+                "profile_hash": run_fingerprint(params), "machine": f"{platform.processor() or platform.machine()}, "
                 f"{os.cpu_count()} cores, torch {torch.__version__}",
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     (repo / baseline_path).write_text(json.dumps(baseline, indent=2) + "\n")
