@@ -187,6 +187,12 @@ def run_fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def code_version() -> str:
+    """A hash of this package's source: checkpoints made by other code are not resumed."""
+    sources = sorted(Path(__file__).resolve().parent.glob("*.py"))
+    return run_fingerprint({path.name: path.read_text() for path in sources})
+
+
 def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_tokens: np.ndarray, seed: int,
           outputs: TrainOutputs, sampler: Sampler | None = None, sinks: Sequence[MetricsSink] = (),
           resume: ResumePoint | None = None, checkpoint_info: dict | None = None) -> dict:

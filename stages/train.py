@@ -18,7 +18,8 @@ from deepseek.files import write_json
 from deepseek.model import DeepSeekLM
 from deepseek.params import load_model_config, load_section, load_seed, read_params
 from deepseek.tokenizer import load_meta, load_tokenizer, load_tokens
-from deepseek.trainer import Sampler, TrainingStopped, TrainOutputs, run_fingerprint, seed_everything
+from deepseek.trainer import (Sampler, TrainingStopped, TrainOutputs, code_version, run_fingerprint,
+                              seed_everything)
 from deepseek.trainer import train as run_training
 
 
@@ -41,7 +42,7 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
     \b
     Checkpoints go to MODEL_DIR/checkpoints every train.checkpoint_interval steps (the newest
     train.keep_checkpoints are kept). After a crash, a kill or an interrupt, rerunning resumes from the
-    newest intact checkpoint made with the same params and data, and ends with the same metrics.
+    newest intact checkpoint made with the same params, data and code, and ends with the same metrics.
     Data-parallel on N processes: torchrun --nproc_per_node N -m stages.train (gloo on CPU, NCCL on GPU).
     Exit codes: 0 done; 1 error (including train.max_nonfinite_steps non-finite steps in a row);
     130 stopped by Ctrl-C and 143 by SIGTERM, both after saving a checkpoint.
@@ -62,7 +63,7 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
     click.echo(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token; "
                f"{train_params.max_steps} steps of {train_params.tokens_per_step:,} tokens")
 
-    fingerprint = run_fingerprint(config.to_dict(), vars(train_params), seed, meta, stats.get("sha256"))
+    fingerprint = run_fingerprint(config.to_dict(), vars(train_params), seed, meta, stats.get("sha256"), code_version())
     resume = find_resume_point(model_dir / "checkpoints", fingerprint)
     if not distributed.is_main():
         run = tracking.Run(None, None)  # only rank 0 tracks and writes files
