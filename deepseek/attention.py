@@ -7,9 +7,9 @@ Notation follows the paper. For a hidden state h_t:
     k_rope = RoPE(W_KR h)                                                  (one key, shared by all heads)
     attention(q, [k_nope ; k_rope], v) with scale 1/sqrt(nope + rope)
 
-Training materialises per-head keys and values and calls scaled_dot_product_attention. Decoding never
-does: the cache holds only c_KV and k_rope, W_UK is folded into the query and W_UV is applied after
-attention over the latent ("weight absorption").
+Training, and a prompt on an empty cache, materialise per-head keys and values and call
+scaled_dot_product_attention. Decoding never does: the cache holds only c_KV and k_rope, W_UK is folded
+into the query and W_UV is applied after attention over the latent ("weight absorption").
 """
 from __future__ import annotations
 
@@ -102,7 +102,14 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is None:
             out = self._attend_expanded(q_nope, q_rope, latent, k_rope)
         else:
-            out = self._attend_absorbed(q_nope, q_rope, cache.append(layer, latent, k_rope), cache.length)
+            start = cache.length
+            cached = cache.append(layer, latent, k_rope)
+            if start == 0 and seq > 1:
+                # A prompt on an empty cache sees only itself: the expanded path runs fused causal SDPA,
+                # several times faster than absorbed attention over a long prompt. Decoding absorbs.
+                out = self._attend_expanded(q_nope, q_rope, latent, k_rope)
+            else:
+                out = self._attend_absorbed(q_nope, q_rope, cached, start)
         return self.wo(out.reshape(batch, seq, -1))
 
     def _attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
