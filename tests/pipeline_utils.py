@@ -46,6 +46,14 @@ def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedP
     return result
 
 
+def write_tiny_corpus(directory: Path) -> str:
+    """directory/data/input-1.txt holding tiny_corpus(); returns its sha256, for params data.sha256."""
+    corpus = tiny_corpus()
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    (directory / "data" / "input-1.txt").write_text(corpus)
+    return hashlib.sha256(corpus.encode()).hexdigest()
+
+
 def make_pipeline_repo(repo: Path) -> Path:
     """A copy of this project's tracked files in repo, with a tiny corpus and tiny params, committed."""
     tracked = run(["git", "ls-files"], ROOT).stdout.split()
@@ -53,10 +61,7 @@ def make_pipeline_repo(repo: Path) -> Path:
         if (ROOT / name).is_file() and not name.startswith(("reports/", "dvc.lock")):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
-    corpus = tiny_corpus()
-    (repo / "data").mkdir(exist_ok=True)
-    (repo / "data" / "input-1.txt").write_text(corpus)
-    set_params(repo, data={"sha256": hashlib.sha256(corpus.encode()).hexdigest()}, **TINY_PARAMS)
+    set_params(repo, data={"sha256": write_tiny_corpus(repo)}, **TINY_PARAMS)
     run(["git", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline"], repo)

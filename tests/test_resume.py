@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from deepseek.checkpoint import find_resume_point, list_checkpoints
-from pipeline_utils import ROOT, TINY_PARAMS, tiny_corpus
+from pipeline_utils import ROOT, TINY_PARAMS, write_tiny_corpus
 from stages.prepare import prepare
 from stages.tokenize import tokenize
 
@@ -36,10 +36,7 @@ def workspace(path: Path, monkeypatch, **train) -> Path:
         params[section] = {**params[section], **values}
     params["train"].update(train)
     params["tokenizer"] = {"kind": "char"}
-    corpus = tiny_corpus()
-    (path / "data").mkdir(exist_ok=True)
-    (path / "data" / "input-1.txt").write_text(corpus)
-    params["data"]["sha256"] = hashlib.sha256(corpus.encode()).hexdigest()
+    params["data"]["sha256"] = write_tiny_corpus(path)
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(path)
     for command in (prepare, tokenize):
