@@ -8,6 +8,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -145,15 +146,21 @@ def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> to
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def make_train_step(model: nn.Module, device: torch.device, dtype: torch.dtype
+def make_train_step(model: nn.Module, device: torch.device, dtype: torch.dtype, compile: bool = False
                     ) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One optimizer step of plain AdamW on one micro-batch: forward, backward, step, zero_grad."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device.type == "cuda")
+    """One optimizer step of fused AdamW (as our trainer's) on one micro-batch: forward, backward, step, zero_grad.
+
+    compile: the forward and loss go through torch.compile (compiled on the first steps, the untimed ones).
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
     model.train()
+    loss_of = partial(lm_loss, model)
+    if compile:
+        loss_of = torch.compile(loss_of)
 
     def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
         with autocast(device, dtype):
-            loss = lm_loss(model, inputs, targets)
+            loss = loss_of(inputs, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

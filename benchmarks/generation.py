@@ -8,10 +8,11 @@ Three ways to generate from the same weights, one sequence at a time:
 
 The context is the prompt length, cut to max_seq_len - new_tokens where it would not fit (so with the seed
 preset's window of 2048 and 32 new tokens, "context 2048" is a 2016-token prompt): past the window our
-generate rebuilds its cache and transformers' RoPE runs past its table. tok/s counts the new tokens over the
-whole generate call, prefill included and model loading excluded; the prefill is also timed on its own (a
-separate forward over the prompt), and decode tok/s = (new tokens - 1) / (total - prefill): the forwards after
-the prefill. fp32 on CPU; bf16 weights on CUDA.
+generate rebuilds its cache and transformers' RoPE runs past its table. Every time is a whole generate call,
+model loading excluded: "prefill s" generates one token (the forward over the prompt, then one LM head row),
+"total s" generates all of them, so decode tok/s = (new tokens - 1) / (total - prefill) is the speed of the
+steps that feed one token against a context of about the prompt's length, and tok/s = new tokens / total
+includes the prefill. fp32 on CPU; bf16 weights on CUDA.
 """
 from __future__ import annotations
 
@@ -46,17 +47,13 @@ def standard_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> i
 
 
 @torch.no_grad()
-def prefill(model: nn.Module, variant: str, prompt: torch.Tensor, new_tokens: int) -> int | None:
-    """The forward over the prompt that each variant's generate starts with; returns its cache's bytes per token.
-
-    transformers' generate asks for the last position's logits only (logits_to_keep=1); ours computes them all.
-    """
+def cache_bytes_per_token(model: nn.Module, variant: str, prompt: torch.Tensor) -> int | None:
+    """What each variant's cache holds per prompt token after the prefill (None: the variant has no cache)."""
     if variant == LATENT:
-        cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new_tokens)
-        model(prompt, cache=cache)
+        cache = model.new_cache(prompt.shape[0], prompt.shape[1])
+        model(prompt, cache=cache, last_logits_only=True)
         return cache.bytes_per_token
     if variant == NO_CACHE:
-        model(prompt)
         return None
     cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).cache
     stored = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
@@ -77,16 +74,17 @@ def measure_context(models: dict[str, nn.Module], context: int, new_tokens: int,
             rows.append(row | {column: "skipped" for column in COLUMNS[3:]})
             continue
         click.echo(f"context {context}: {variant}", err=True)
-        model = models[variant]
-        cache_bytes[variant], prefill_s = timed(partial(prefill, model, variant, prompt, new_tokens), device, repeats)
-        tokens, total_s = timed(partial(greedy_generate, model, prompt, new_tokens, use_cache=variant != NO_CACHE),
+        model, use_cache = models[variant], variant != NO_CACHE
+        cache_bytes[variant] = cache_bytes_per_token(model, variant, prompt)
+        _, prefill_s = timed(partial(greedy_generate, model, prompt, 1, use_cache=use_cache), device, repeats)
+        tokens, total_s = timed(partial(greedy_generate, model, prompt, new_tokens, use_cache=use_cache),
                                 device, repeats)
         continuation = tokens[:, length:]
         if variant == LATENT:
             reference = continuation
         decode_s = total_s - prefill_s
         rows.append(row | {"prefill s": prefill_s, "total s": total_s, "tok/s": continuation.shape[1] / total_s,
-                           # None where the separately timed prefill was not faster than the whole call (noise)
+                           # None where the one-token call was not faster than the whole call (noise)
                            "decode tok/s": (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
                            "same tokens as latent": same_tokens(continuation, reference, variant)})
     return rows, cache_bytes
@@ -152,8 +150,9 @@ def main(preset: str, contexts: str, new_tokens: int, no_cache_max_context: int,
         "max logit diff (ours vs transformers, 64 tokens)": f"{diff:.3g}"}
     print_header(header)
     print_table("Greedy decoding", COLUMNS, rows,
-                notes="tok/s = new tokens / total (prefill included); decode tok/s = (new tokens - 1) / "
-                      "(total - prefill). 'same tokens' compares the greedy continuation with the latent-cache one.")
+                notes="prefill s: generate of 1 token; total s: generate of all new tokens; tok/s = new tokens / "
+                      "total; decode tok/s = (new tokens - 1) / (total - prefill). 'same tokens' compares the "
+                      "greedy continuation with the latent-cache one.")
     print_table("KV cache per token (all layers)", CACHE_COLUMNS, [cache_row],
                 notes="ours: LatentCache.bytes_per_token, (kv_lora_rank + qk_rope_head_dim) values per layer. "
                       "standard MHA: num_heads * (qk_nope + qk_rope + v head dims) values per layer. transformers: "

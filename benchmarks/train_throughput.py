@@ -41,9 +41,9 @@ def training_flops_per_token(model: DeepSeekLM, seq_len: int) -> float:
 
 
 def tokens_per_second(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], warmup: int,
-                      device: torch.device, dtype: torch.dtype) -> float:
-    """Train on batches; the first warmup steps (allocations, kernel selection) are not timed."""
-    step = make_train_step(model, device, dtype)
+                      device: torch.device, dtype: torch.dtype, compile: bool) -> float:
+    """Train on batches; the first warmup steps (allocations, kernel selection, compiling) are not timed."""
+    step = make_train_step(model, device, dtype, compile)
     for inputs, targets in batches[:warmup]:
         step(inputs, targets)
     timed_batches = batches[warmup:]
@@ -52,7 +52,7 @@ def tokens_per_second(model: torch.nn.Module, batches: list[tuple[torch.Tensor, 
 
 
 def measure_preset(preset: str, device: torch.device, dtype: torch.dtype, batch_size: int, seq_len: int, steps: int,
-                   warmup: int, seed: int) -> tuple[dict, str]:
+                   warmup: int, seed: int, compile: bool) -> tuple[dict, str]:
     """One table row for the preset, and which attention and experts kernels transformers chose."""
     ours = seeded_model(preset, seed)
     theirs = transformers_twin(ours)
@@ -64,7 +64,7 @@ def measure_preset(preset: str, device: torch.device, dtype: torch.dtype, batch_
     for model in (ours, theirs):
         click.echo(f"{preset}: training {implementation_of(model)} ({batch_size} x {seq_len}, "
                    f"{warmup} + {steps} steps)", err=True)
-        speed[implementation_of(model)] = tokens_per_second(model, batches, warmup, device, dtype)
+        speed[implementation_of(model)] = tokens_per_second(model, batches, warmup, device, dtype, compile)
     flops = training_flops_per_token(ours, seq_len)
     peak = peak_bf16_flops(device)
     mfu = {name: None if peak is None else 100 * tokens * flops / peak for name, tokens in speed.items()}
@@ -84,12 +84,14 @@ def measure_preset(preset: str, device: torch.device, dtype: torch.dtype, batch_
 @click.option("--seq-len", type=click.IntRange(min=1), help="Tokens per sequence [default: per preset and device].")
 @click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Timed optimizer steps.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed steps first.")
+@click.option("--compile", "compile_models", is_flag=True,
+              help="torch.compile both models' forward and loss (compiling happens in the warmup steps).")
 @device_option
 @threads_option
 @seed_option
 @json_option
 def main(presets: tuple[str, ...], batch_size: int | None, seq_len: int | None, steps: int, warmup: int,
-         device_name: str, threads: int | None, seed: int, json_path: Path | None) -> None:
+         compile_models: bool, device_name: str, threads: int | None, seed: int, json_path: Path | None) -> None:
     """Training tokens/s and MFU of DeepSeekLM against transformers' DeepseekV3ForCausalLM, same weights."""
     device = pick_device(device_name, threads)
     dtype = resolve_dtype("auto", device)
@@ -99,10 +101,12 @@ def main(presets: tuple[str, ...], batch_size: int | None, seq_len: int | None, 
     shapes = {preset: batch_shape(preset, device, batch_size, seq_len) for preset in presets}  # fail before work
     rows, kernels = [], ""
     for preset, (preset_batch, preset_seq) in shapes.items():
-        row, kernels = measure_preset(preset, device, dtype, preset_batch, preset_seq, steps, warmup, seed)
+        row, kernels = measure_preset(preset, device, dtype, preset_batch, preset_seq, steps, warmup, seed,
+                                      compile_models)
         rows.append(row)
     precision = "float32" if dtype == torch.float32 else f"{dtype_name(dtype)} autocast, float32 weights"
-    header = run_header("Training throughput", device, precision) | {"transformers kernels": kernels}
+    header = run_header("Training throughput", device, precision) | {
+        "transformers kernels": kernels, "torch.compile": "both models" if compile_models else "no (eager)"}
     print_header(header)
     print_table("Tokens/s (forward + backward + AdamW step)", COLUMNS, rows,
                 notes="MFU needs the device's peak FLOP/s, known only for H100 SXM, H200 and A100 (bf16 dense). "

@@ -140,12 +140,16 @@ class MultiHeadLatentAttention(nn.Module):
         w_kv_b = self.wkv_b.weight.view(heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
-        q = torch.cat((q_latent, q_rope), dim=-1).transpose(1, 2)  # (batch, heads, seq, rank + rope)
-        keys = cached.unsqueeze(1).to(q.dtype)  # (batch, 1, cached_len, rank + rope)
-        values = keys[..., :self.kv_lora_rank]
-        mask = None
+        # Every head attends over the same single key and value per position, so the heads are folded into
+        # the query rows of one single-head attention: no per-head copy of the cache. Plain matmuls, not SDPA:
+        # with a value narrower than the key, SDPA's CPU fallback also rescales every cached key, every step.
+        q = torch.cat((q_latent, q_rope), dim=-1).reshape(batch, seq * heads, -1)
+        keys = cached.to(q.dtype)  # (batch, cached_len, rank + rope)
+        scores = (q * self.scale) @ keys.transpose(1, 2)  # (batch, seq * heads, cached_len)
         if seq > 1:  # a prompt chunk: query i sits at position start + i and sees keys up to there
             positions = torch.arange(cached.shape[1], device=q.device)
-            mask = positions[None, :] <= (start + torch.arange(seq, device=q.device))[:, None]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return torch.einsum("bhsc,hdc->bshd", out, w_uv)
+            query_positions = (start + torch.arange(seq, device=q.device)).repeat_interleave(heads)
+            scores = scores.masked_fill(positions[None, :] > query_positions[:, None], float("-inf"))
+        out = scores.softmax(dim=-1, dtype=torch.float32).type_as(q) @ keys[..., :self.kv_lora_rank]
+        out = out.view(batch, seq, heads, self.kv_lora_rank)
+        return torch.einsum("bshc,hdc->bshd", out, w_uv)

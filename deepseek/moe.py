@@ -57,8 +57,33 @@ class Router(nn.Module):
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
 
 
+def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes these operands: bf16 on CUDA, rows a multiple of 16 bytes."""
+    aligned = all(size * x.element_size() % 16 == 0 for size in weight.shape[1:])
+    return aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+
+
+# Left out of torch.compile graphs: dynamo's shape rule for grouped_mm admits bf16 only (torch 2.13), and the
+# per-expert fallback's slice sizes depend on the data.
+@torch.compiler.disable
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x @ weight[e].T for each expert e's rows of x, which are sorted by expert; expert e's rows end at ends[e].
+
+    torch's grouped GEMM runs every expert in one call, without the host sync of slicing by counts. Where it
+    does not apply (fp32 or fp16 on CUDA, odd sizes) each expert runs its own matmul instead.
+    """
+    if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware: cast as F.linear would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+    weight = weight.to(x.dtype)
+    if grouped_mm_supported(x, weight):
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
+    counts = ends.diff(prepend=ends.new_zeros(1))
+    return torch.cat([F.linear(rows, weight[e]) for e, rows in enumerate(x.split(counts.tolist()))])
+
+
 class RoutedExperts(nn.Module):
-    """num_experts SwiGLU experts whose weights are stacked, so dispatch is a sort and a few matmuls."""
+    """num_experts SwiGLU experts whose weights are stacked, so dispatch is a sort and two grouped matmuls."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -70,17 +95,13 @@ class RoutedExperts(nn.Module):
         tokens, k = routing.indices.shape
         # Sort the (token, slot) assignments by expert so each expert sees one contiguous slice.
         order = routing.indices.flatten().argsort(stable=True)
-        sorted_inputs = x[order // k]
-        # One host sync per layer (the slice sizes), never one per expert or per token.
-        slices = sorted_inputs.split(counts.tolist())
-        sorted_outputs = torch.cat([self._expert(e, xs) for e, xs in enumerate(slices)])
+        ends = counts.cumsum(dim=0, dtype=torch.int32)
+        # index_select, not x[...]: its backward is an index_add, several times faster than advanced indexing's.
+        gate, up = grouped_linear(x.index_select(0, order // k), self.gate_up_proj, ends).chunk(2, dim=-1)
+        sorted_outputs = grouped_linear(F.silu(gate) * up, self.down_proj, ends)
         outputs = torch.empty_like(sorted_outputs).index_copy_(0, order, sorted_outputs)
         weights = routing.weights.type_as(outputs).unsqueeze(-1)
         return (outputs.view(tokens, k, -1) * weights).sum(dim=1)
-
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
 
 
 class MoE(nn.Module):

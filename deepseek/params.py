@@ -66,6 +66,7 @@ class TrainParams:
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 5  # stop (with a checkpoint) after this many skipped non-finite steps in a row
     num_workers: int = 0
+    compile: bool = False  # torch.compile the training forward; see README, "Speed"
 
     def check(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "log_interval", "eval_interval",

@@ -105,3 +105,23 @@ def test_sequence_aux_loss_matches_formula():
     assert aux.requires_grad
     moe.eval()
     assert moe(x)[2] == 0  # the auxiliary loss is a training signal only
+
+
+@pytest.mark.parametrize("dim, grouped", [(8, True), (6, False)])  # 6 floats: rows grouped_mm cannot take
+def test_grouped_linear_matches_a_matmul_per_expert_with_empty_experts(dim, grouped):
+    from deepseek import moe as moe_module
+
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 0, 1])  # experts 1 and 3 get no tokens
+    x = torch.randn(int(counts.sum()), dim, requires_grad=True)
+    weight = torch.randn(len(counts), 4, dim, requires_grad=True)
+    assert moe_module.grouped_mm_supported(x, weight) == grouped
+    out = moe_module.grouped_linear(x, weight, counts.cumsum(0).to(torch.int32))
+    expert_of_row = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    expected = torch.stack([weight[e] @ x[i] for i, e in enumerate(expert_of_row.tolist())])
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, weight), grad)
+    want = torch.autograd.grad(expected, (x, weight), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

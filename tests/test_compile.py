@@ -1,0 +1,31 @@
+"""train.compile: a torch.compile'd training forward follows the eager one."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from deepseek import DeepSeekLM, ModelConfig
+from deepseek.params import TrainParams
+from deepseek.trainer import TrainOutputs, train
+
+
+@pytest.mark.slow  # compiling takes about half a minute on two cores
+def test_compiled_training_matches_eager_training(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 65, 5000).astype(np.uint16)
+    params = TrainParams(max_steps=4, micro_batch_size=4, grad_accum_steps=2, seq_len=32, log_interval=1,
+                         eval_interval=4, eval_batches=1, checkpoint_interval=100, sample_interval=100)
+    trained = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = DeepSeekLM(ModelConfig.from_preset("tiny"))
+        metrics = train(model, replace(params, compile=compiled), tokens, tokens, 0,
+                        TrainOutputs(tmp_path / f"ck{compiled}", tmp_path / f"rep{compiled}"))
+        trained[compiled] = metrics, model.state_dict()
+    (eager_metrics, eager_state), (compiled_metrics, compiled_state) = trained[False], trained[True]
+    for key in ("train_loss", "val_loss"):
+        assert compiled_metrics[key] == pytest.approx(eager_metrics[key], abs=1e-4), key
+    for name, value in eager_state.items():  # weights and the balancing biases
+        torch.testing.assert_close(compiled_state[name], value, atol=1e-5, rtol=1e-4, msg=name)
