@@ -62,6 +62,14 @@ def test_train_throughput_reports_both_implementations(run):
     assert result["max logit diff"] < 1e-4  # the two models really hold the same weights
 
 
+@pytest.mark.slow  # compiles both models: about a minute on two cores
+def test_train_throughput_compiles_both_models(run):
+    _, data = run("train_throughput", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1",
+                  "--warmup", "1", "--compile")
+    [result] = data["train_throughput"]
+    assert result["ours tok/s"] > 0 and result["transformers tok/s"] > 0
+
+
 def test_generation_reports_every_variant_and_the_cache_sizes(run):
     from benchmarks.generation import CACHE_COLUMNS, COLUMNS, VARIANTS
 
