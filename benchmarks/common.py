@@ -1,7 +1,6 @@
 """What the benchmark scripts share: device and run description, the transformers twin, steps, timing, tables."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import tempfile
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek import DeepSeekLM, ModelConfig
+from deepseek import DeepSeekLM, ModelConfig, files
 from deepseek.evaluation import autocast
 from deepseek.generate import generate
 from deepseek.hf import export_hf
@@ -251,5 +250,4 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[dict[str, Any
 
 def write_json(path: Path | None, header: dict[str, str], tables: dict[str, list[dict[str, Any]]]) -> None:
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"header": header, "tables": tables}, indent=2) + "\n")
+        files.write_json(path, {"header": header, "tables": tables})

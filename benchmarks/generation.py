@@ -46,28 +46,28 @@ def standard_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> i
     return per_layer * dtype.itemsize * config.num_layers
 
 
+def context_prompt(config: ModelConfig, context: int, new_tokens: int, seed: int, device: torch.device
+                   ) -> torch.Tensor:
+    """The random prompt (1, length) of one context."""
+    length = prompt_length(context, new_tokens, config.max_seq_len)
+    gen = torch.Generator().manual_seed(seed + context)
+    return torch.randint(0, config.vocab_size, (1, length), generator=gen).to(device)
+
+
 @torch.no_grad()
-def cache_bytes_per_token(model: nn.Module, variant: str, prompt: torch.Tensor) -> int | None:
-    """What each variant's cache holds per prompt token after the prefill (None: the variant has no cache)."""
-    if variant == LATENT:
-        cache = model.new_cache(prompt.shape[0], prompt.shape[1])
-        model(prompt, cache=cache, last_logits_only=True)
-        return cache.bytes_per_token
-    if variant == NO_CACHE:
-        return None
+def transformers_cache_bytes_per_token(model: nn.Module, prompt: torch.Tensor) -> int:
+    """What transformers' cache holds per prompt token after the prefill."""
     cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).cache
     stored = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return stored // prompt.shape[1]
 
 
 def measure_context(models: dict[str, nn.Module], context: int, new_tokens: int, no_cache_max_context: int,
-                    repeats: int, seed: int, device: torch.device) -> tuple[list[dict], dict[str, int | None]]:
-    """Rows for one context (one per variant), and the cache bytes per token each variant reported."""
-    config: ModelConfig = models[LATENT].config
-    length = prompt_length(context, new_tokens, config.max_seq_len)
-    gen = torch.Generator().manual_seed(seed + context)
-    prompt = torch.randint(0, config.vocab_size, (1, length), generator=gen).to(device)
-    rows, cache_bytes, reference = [], {}, None
+                    repeats: int, seed: int, device: torch.device) -> list[dict]:
+    """Rows for one context, one per variant."""
+    prompt = context_prompt(models[LATENT].config, context, new_tokens, seed, device)
+    length = prompt.shape[1]
+    rows, reference = [], None
     for variant in VARIANTS:
         row = {"context": context, "prompt": length, "variant": variant}
         if variant == NO_CACHE and context > no_cache_max_context:
@@ -75,7 +75,6 @@ def measure_context(models: dict[str, nn.Module], context: int, new_tokens: int,
             continue
         click.echo(f"context {context}: {variant}", err=True)
         model, use_cache = models[variant], variant != NO_CACHE
-        cache_bytes[variant] = cache_bytes_per_token(model, variant, prompt)
         _, prefill_s = timed(partial(greedy_generate, model, prompt, 1, use_cache=use_cache), device, repeats)
         tokens, total_s = timed(partial(greedy_generate, model, prompt, new_tokens, use_cache=use_cache),
                                 device, repeats)
@@ -87,7 +86,7 @@ def measure_context(models: dict[str, nn.Module], context: int, new_tokens: int,
                            # None where the one-token call was not faster than the whole call (noise)
                            "decode tok/s": (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
                            "same tokens as latent": same_tokens(continuation, reference, variant)})
-    return rows, cache_bytes
+    return rows
 
 
 def same_tokens(continuation: torch.Tensor, reference: torch.Tensor, variant: str) -> str:
@@ -131,16 +130,14 @@ def main(preset: str, contexts: str, new_tokens: int, no_cache_max_context: int,
         greedy_generate(model, torch.zeros(1, 8, dtype=torch.long, device=device), 2)  # first-call allocations
     diff = max_logit_diff(ours, theirs, torch.randint(0, config.vocab_size, (1, 64), device=device))
 
-    rows, cache_bytes = [], {}
-    for context in context_list:
-        context_rows, cache_bytes = measure_context(models, context, new_tokens, no_cache_max_context, repeats, seed,
-                                                    device)
-        rows.extend(context_rows)
+    rows = [row for context in context_list
+            for row in measure_context(models, context, new_tokens, no_cache_max_context, repeats, seed, device)]
+    latent = ours.new_cache(1, 1).bytes_per_token
     standard = standard_cache_bytes_per_token(config, dtype)
+    last_prompt = context_prompt(config, context_list[-1], new_tokens, seed, device)
     cache_row = {"preset": preset, "dtype": dtype_name(dtype),
-                 "ours (latent) B/token": cache_bytes[LATENT], "standard MHA B/token": standard,
-                 "MHA / ours": standard / cache_bytes[LATENT],
-                 "transformers B/token (measured)": cache_bytes[THEIRS]}
+                 "ours (latent) B/token": latent, "standard MHA B/token": standard, "MHA / ours": standard / latent,
+                 "transformers B/token (measured)": transformers_cache_bytes_per_token(theirs, last_prompt)}
 
     precision = "float32" if dtype == torch.float32 else f"{dtype_name(dtype)} weights"
     header = run_header("Generation", device, precision) | {

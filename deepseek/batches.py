@@ -70,9 +70,7 @@ def evaluation_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_ba
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     if len(full) < len(starts):
         batches.append([starts[-1]])
-    for count, batch in enumerate(batches):
-        if max_batches is not None and count >= max_batches:
-            return
+    for batch in batches[:max_batches]:
         end = min(batch[0] + seq_len + 1, len(tokens)) - batch[0]
         windows = torch.from_numpy(np.stack([tokens[s:s + end].astype(np.int64) for s in batch]))
         yield windows[:, :-1], windows[:, 1:]

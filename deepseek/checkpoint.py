@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file as load_safetensors
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
@@ -63,6 +62,10 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Dee
     return model.to(device)
 
 
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:08d}"
+
+
 def save_checkpoint(directory: str | Path, step: int, model: DeepSeekLM, trainer_state: dict[str, Any],
                     info: dict[str, Any], keep: int) -> Path:
     """Write directory/step_{step:08d} and delete all but the newest `keep` checkpoints.
@@ -70,7 +73,7 @@ def save_checkpoint(directory: str | Path, step: int, model: DeepSeekLM, trainer
     checkpoint.json is written last and records every file's sha256, so a damaged copy is recognised.
     """
     directory = Path(directory)
-    path = directory / f"step_{step:08d}"
+    path = checkpoint_path(directory, step)
     with replacing_dir(path, marker=INFO) as tmp:
         model.config.to_json(tmp / CONFIG)
         save_safetensors_model(model, str(tmp / WEIGHTS))
@@ -156,8 +159,9 @@ def _load_resume_point(checkpoint: Path) -> ResumePoint:
     for name, expected in info["sha256"].items():
         if not (checkpoint / name).is_file() or _sha256(checkpoint / name) != expected:
             raise UserError(f"{name} is truncated or altered (its sha256 differs from {INFO})")
-    try:
-        load_safetensors(checkpoint / WEIGHTS)
+    try:  # the header is enough to refuse a file that is not safetensors; resume reads the tensors later
+        with safe_open(checkpoint / WEIGHTS, "pt"):
+            pass
     except (SafetensorError, OSError) as error:
         raise UserError(f"{WEIGHTS} is not a valid safetensors file ({first_line(error)})") from None
     return ResumePoint(checkpoint, info, load_trainer_state(checkpoint))

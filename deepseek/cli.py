@@ -8,7 +8,7 @@ import torch
 
 from deepseek.checkpoint import TOKENIZER, load_model
 from deepseek.errors import UserError, report_user_errors
-from deepseek.generate import generate as generate_tokens
+from deepseek.generate import generate_text
 from deepseek.tokenizer import load_tokenizer
 from stages.evaluate import evaluate
 from stages.prepare import prepare
@@ -49,10 +49,8 @@ def generate(prompt: str, model_dir: Path, max_new_tokens: int, temperature: flo
         raise UserError("the prompt is empty: give some text to continue")
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir / TOKENIZER)
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    out = generate_tokens(model, ids, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                          generator=torch.Generator().manual_seed(seed), eos_token_id=tokenizer.eos_token_id)
-    click.echo(tokenizer.decode(out[0].tolist()))
+    click.echo(generate_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, generator=torch.Generator().manual_seed(seed)))
 
 
 @main.command("export-hf")

@@ -1,9 +1,14 @@
 """Autoregressive sampling with the latent KV cache."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from deepseek.model import DeepSeekLM
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -63,3 +68,14 @@ def generate(model: DeepSeekLM, prompt: torch.Tensor, max_new_tokens: int, tempe
         return tokens
     finally:
         model.train(was_training)
+
+
+def generate_text(model: DeepSeekLM, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int,
+                  **sampling) -> str:
+    """prompt and its continuation as text; generation stops early at the tokenizer's end-of-text token.
+
+    sampling: generate's temperature, top_k, top_p and generator.
+    """
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    out = generate(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id, **sampling)
+    return tokenizer.decode(out[0].tolist())

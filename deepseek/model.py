@@ -108,21 +108,19 @@ class DeepSeekLM(nn.Module):
         under torch.distributed), moves each bias by rate * sign(mean load - load), then clears the
         loads. Returns the loads used, (num_moe_layers, num_experts).
         """
-        moes = self.moe_layers()
-        if not moes:
-            return torch.zeros(0, self.config.num_routed_experts)
-        loads = distributed.sum_across_ranks(torch.stack([moe.pending_load for moe in moes]))
+        loads = distributed.sum_across_ranks(self.clear_expert_load())
         rate = self.config.bias_update_rate
-        for moe, load in zip(moes, loads):
+        for moe, load in zip(self.moe_layers(), loads):
             moe.gate.expert_bias += rate * torch.sign(load.mean() - load)
-            moe.pending_load.zero_()
         return loads
 
     @torch.no_grad()
     def clear_expert_load(self) -> torch.Tensor:
         """Drop the loads counted since the last bias update (for a skipped step); returns them."""
         moes = self.moe_layers()
-        loads = torch.stack([moe.pending_load.clone() for moe in moes]) if moes else torch.zeros(0, 1)
+        if not moes:
+            return torch.zeros(0, self.config.num_routed_experts)
+        loads = torch.stack([moe.pending_load for moe in moes])  # a copy: the buffers are zeroed next
         for moe in moes:
             moe.pending_load.zero_()
         return loads

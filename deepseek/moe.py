@@ -63,23 +63,19 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
 
 
-# Left out of torch.compile graphs: dynamo's shape rule for grouped_mm admits bf16 only (torch 2.13), and the
-# per-expert fallback's slice sizes depend on the data.
+# Left out of torch.compile graphs: dynamo's shape rule for grouped_mm admits bf16 only (torch 2.13).
 @torch.compiler.disable
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
+                   sizes: list[int] | None = None) -> torch.Tensor:
     """x @ weight[e].T for each expert e's rows of x, which are sorted by expert; expert e's rows end at ends[e].
 
-    torch's grouped GEMM runs every expert in one call, without the host sync of slicing by counts. Where it
-    does not apply (fp32 or fp16 on CUDA, odd sizes) each expert runs its own matmul instead.
+    sizes None: torch's grouped GEMM runs every expert in one call, with no host sync. Given (the row count of
+    each expert, on the host), each expert runs its own matmul: the path where grouped_mm does not apply.
     """
-    if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware: cast as F.linear would
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
     weight = weight.to(x.dtype)
-    if grouped_mm_supported(x, weight):
+    if sizes is None:
         return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
-    counts = ends.diff(prepend=ends.new_zeros(1))
-    return torch.cat([F.linear(rows, weight[e]) for e, rows in enumerate(x.split(counts.tolist()))])
+    return torch.cat([F.linear(rows, weight[e]) for e, rows in enumerate(x.split(sizes))])
 
 
 class RoutedExperts(nn.Module):
@@ -97,8 +93,13 @@ class RoutedExperts(nn.Module):
         order = routing.indices.flatten().argsort(stable=True)
         ends = counts.cumsum(dim=0, dtype=torch.int32)
         # index_select, not x[...]: its backward is an index_add, several times faster than advanced indexing's.
-        gate, up = grouped_linear(x.index_select(0, order // k), self.gate_up_proj, ends).chunk(2, dim=-1)
-        sorted_outputs = grouped_linear(F.silu(gate) * up, self.down_proj, ends)
+        sorted_inputs = x.index_select(0, order // k)
+        if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware: cast as F.linear would
+            sorted_inputs = sorted_inputs.to(torch.get_autocast_dtype(x.device.type))
+        grouped = all(grouped_mm_supported(sorted_inputs, w) for w in (self.gate_up_proj, self.down_proj))
+        sizes = None if grouped else counts.tolist()  # the fallback's one host sync per layer
+        gate, up = grouped_linear(sorted_inputs, self.gate_up_proj, ends, sizes).chunk(2, dim=-1)
+        sorted_outputs = grouped_linear(F.silu(gate) * up, self.down_proj, ends, sizes)
         outputs = torch.empty_like(sorted_outputs).index_copy_(0, order, sorted_outputs)
         weights = routing.weights.type_as(outputs).unsqueeze(-1)
         return (outputs.view(tokens, k, -1) * weights).sum(dim=1)

@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch import nn
 
+from deepseek.files import write_json
 from deepseek.trainer import run_fingerprint
 
 PROFILE = Path(".ci/profile.yaml")
@@ -174,11 +175,11 @@ def compare(baseline: dict[str, float], now: dict[str, float], tolerances: dict[
     rows = []
     for metric, rule in tolerances.items():
         old, new = baseline[metric], now[metric]
+        lower = rule["direction"] == "lower"
         allowed = rule.get("abs", 0.0) + rule.get("rel", 0.0) * abs(old)
-        worse_by = new - old if rule["direction"] == "lower" else old - new
-        limit = old + allowed if rule["direction"] == "lower" else old - allowed
-        bound = "<=" if rule["direction"] == "lower" else ">="
-        tolerance = f"{bound} {limit:.4f} ({'+' if rule['direction'] == 'lower' else '-'}" + (
+        worse_by = new - old if lower else old - new
+        limit = old + allowed if lower else old - allowed
+        tolerance = f"{'<=' if lower else '>='} {limit:.4f} ({'+' if lower else '-'}" + (
             f"{rule['abs']}" if "abs" in rule else f"{rule['rel']:.0%}") + ")"
         rows.append(Row(metric, f"{old:.4f}", f"{new:.4f}", tolerance, worse_by <= allowed + 1e-12))
     return rows
@@ -231,10 +232,10 @@ def check(repo: Path, profile: Path, baseline_path: Path, overrides: tuple[str, 
           no_lock_check: bool) -> None:
     """Train the CI profile and fail if it regressed against the baseline, or if dvc.lock is stale."""
     repo = repo.resolve()
-    baseline = json.loads((repo / baseline_path).read_text()) if (repo / baseline_path).exists() else None
-    if baseline is None:
+    if not (repo / baseline_path).exists():
         raise click.ClickException(f"no baseline at {baseline_path}: run `python -m deepseek.regression "
                                    "update-baseline` and commit it")
+    baseline = json.loads((repo / baseline_path).read_text())
     stale = [] if no_lock_check else lock_status(repo)
     params = profile_params(repo, repo / profile, _parse_overrides(overrides))
     result = measure(repo, params, baseline)
@@ -265,11 +266,11 @@ def update_baseline(repo: Path, profile: Path, baseline_path: Path, overrides: t
     repo = repo.resolve()
     params = profile_params(repo, repo / profile, _parse_overrides(overrides))
     result = measure(repo, params, None)
-    baseline = {"metrics": result["metrics"], "throughput": result["throughput"], "reports": result["reports"],
+    baseline = {"metrics": result["metrics"], "reports": result["reports"],
                 "profile_hash": run_fingerprint(params), "machine": f"{platform.processor() or platform.machine()}, "
                 f"{os.cpu_count()} cores, torch {torch.__version__}",
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    (repo / baseline_path).write_text(json.dumps(baseline, indent=2) + "\n")
+    write_json(repo / baseline_path, baseline)
     click.echo(json.dumps(result["metrics"], indent=2))
     click.echo(f"wrote {baseline_path}; commit it")
 

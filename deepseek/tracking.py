@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from deepseek.errors import first_line
 
 EXPERIMENT = "deepseek-repro"
-RUN_FILE = "reports/mlflow_run.json"  # the DVC output that hands the run id to evaluate and sample
+RUN_FILE = "mlflow_run.json"  # in the reports directory: the DVC output that hands the run id to evaluate and sample
 T = TypeVar("T")
 
 # Fail fast when a tracking server is down rather than retrying for minutes in the training loop.
@@ -139,7 +139,7 @@ class Run:
         return run
 
     @classmethod
-    def resume(cls, run_file: str | Path = RUN_FILE) -> Run:
+    def resume(cls, run_file: str | Path) -> Run:
         """The run the train stage opened, read from its DVC output."""
         path = Path(run_file)
         run_id = json.loads(path.read_text())["run_id"] if path.exists() else None
@@ -192,11 +192,6 @@ class Run:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._do(lambda: self.client.log_batch(self.run_id, metrics=items))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self._do(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
-
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -207,7 +202,7 @@ class Run:
     def finish(self, status: str = "FINISHED") -> None:
         self._do(lambda: self.client.set_terminated(self.run_id, status))
 
-    def write_run_file(self, run_file: str | Path = RUN_FILE) -> None:
+    def write_run_file(self, run_file: str | Path) -> None:
         from deepseek.files import write_json
 
         write_json(run_file, {"run_id": self.run_id, "experiment": EXPERIMENT})

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from deepseek import distributed
 from deepseek.balance import max_violation
 from deepseek.batches import training_batches
-from deepseek.checkpoint import ResumePoint, save_checkpoint
+from deepseek.checkpoint import ResumePoint, checkpoint_path, save_checkpoint
 from deepseek.evaluation import autocast, evaluate
 from deepseek.files import write_text
 from deepseek.generate import generate
@@ -237,13 +237,13 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
     outputs.reports_dir.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(step: int) -> Path:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "window": {"loss_sum": loss_sum.item(), "correct": correct.item(), "scored": scored}}
-        info = {**(checkpoint_info or {}), "history": {"train": history.train, "val": history.val}}
         if main_rank:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "window": {"loss_sum": loss_sum.item(), "correct": correct.item(), "scored": scored}}
+            info = {**(checkpoint_info or {}), "history": {"train": history.train, "val": history.val}}
             save_checkpoint(outputs.checkpoint_dir, step, model, state, info, keep=params.keep_checkpoints)
-        return outputs.checkpoint_dir / f"step_{step:08d}"
+        return checkpoint_path(outputs.checkpoint_dir, step)
 
     batches = iter(training_batches(train_tokens, params.seq_len, params.micro_batch_size, params.grad_accum_steps,
                                     seed, first_step=start_step, last_step=params.max_steps,
@@ -283,7 +283,7 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
                 nonfinite_streak = 0
                 loss_sum += step_loss
                 correct += step_correct
-                scored += params.micro_batch_size * params.grad_accum_steps * params.seq_len
+                scored += params.tokens_per_step
             else:  # skipped: no update, but the step still counts towards max_steps and the schedule
                 loads = model.clear_expert_load()
                 nonfinite_streak += 1

@@ -42,7 +42,7 @@ def evaluate(params_path: str, model_dir: Path, tokens_dir: Path, reports_dir: P
     figures.expert_load(fractions, reports_dir / "figures" / "expert_load.png")
     figures.loss_curves(_read_csv(reports_dir / "train_log.csv"), _read_csv(reports_dir / "val_log.csv"),
                         reports_dir / "figures" / "loss.png")
-    run = tracking.Run.resume(reports_dir / "mlflow_run.json")
+    run = tracking.Run.resume(reports_dir / tracking.RUN_FILE)
     run.log_metrics(tracking.flatten(metrics))
     run.log_artifact(reports_dir / "figures", "figures")
     run.log_artifact(reports_dir / "expert_load.csv")

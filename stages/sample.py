@@ -10,7 +10,7 @@ from deepseek import tracking
 from deepseek.checkpoint import TOKENIZER, load_model
 from deepseek.errors import report_user_errors
 from deepseek.files import write_json, write_text
-from deepseek.generate import generate
+from deepseek.generate import generate_text
 from deepseek.params import SampleParams, load_section
 from deepseek.tokenizer import load_tokenizer
 
@@ -30,15 +30,14 @@ def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
     generator = torch.Generator().manual_seed(params.seed)
     samples = []
     for prompt in params.prompts:
-        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-        out = generate(model, ids, params.max_new_tokens, temperature=params.temperature, top_k=params.top_k or None,
-                       top_p=params.top_p, generator=generator, eos_token_id=tokenizer.eos_token_id)
-        samples.append({"prompt": prompt, "text": tokenizer.decode(out[0].tolist())})
+        text = generate_text(model, tokenizer, prompt, params.max_new_tokens, temperature=params.temperature,
+                             top_k=params.top_k, top_p=params.top_p, generator=generator)
+        samples.append({"prompt": prompt, "text": text})
         click.echo(f"--- {prompt}\n{samples[-1]['text']}\n")
     settings = {k: v for k, v in vars(params).items() if k != "prompts"}
     write_json(reports_dir / "samples.json", {"settings": settings, "samples": samples})
     write_text(reports_dir / "samples.md", _markdown(samples, settings))
-    run = tracking.Run.resume(reports_dir / "mlflow_run.json")
+    run = tracking.Run.resume(reports_dir / tracking.RUN_FILE)
     for name in ("samples.md", "samples.json"):
         run.log_artifact(reports_dir / name, "samples")
     run.log_artifact("dvc.lock")  # DVC updates it after each stage, so it holds this run's earlier stages

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from deepseek import distributed, tracking
-from deepseek.checkpoint import find_resume_point, list_checkpoints, save_model
+from deepseek.checkpoint import CONFIG, INFO, WEIGHTS, find_resume_point, list_checkpoints, save_model
 from deepseek.errors import UserError, report_user_errors
 from deepseek.files import write_json
 from deepseek.model import DeepSeekLM
@@ -76,7 +76,7 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
         run.log_artifact(params_path)
         run.log_artifact(tokenizer_dir, "tokenizer")
     if distributed.is_main():
-        run.write_run_file(reports_dir / "mlflow_run.json")
+        run.write_run_file(reports_dir / tracking.RUN_FILE)
 
     sampler = Sampler(encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
                       decode=tokenizer.decode, prompt=train_params.sample_prompt,
@@ -103,7 +103,7 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
     run.log_metrics({f"final.{k}": v for k, v in metrics.items()})
     run.log_artifact(final_dir, "checkpoint")  # the same bytes as the DVC-tracked model/final
     for checkpoint in list_checkpoints(model_dir / "checkpoints"):
-        for name in ("model.safetensors", "config.json", "checkpoint.json"):
+        for name in (WEIGHTS, CONFIG, INFO):
             run.log_artifact(checkpoint / name, f"checkpoints/{checkpoint.name}")
     tracking.log_model(run, final_dir, mlflow_params.model_name if mlflow_params.register_model else None,
                        mlflow_params.alias)

@@ -5,12 +5,15 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# CI clones the repository with shared/ beside it, so look next to the checkout rather than at a fixed path.
+REAL_CORPUS = ROOT.parent / "shared" / "data" / "input-1.txt"
 STAGES = ("prepare", "tokenize", "train", "evaluate", "sample")
 
 TINY_PARAMS = {
@@ -77,3 +80,10 @@ def set_params(repo: Path, **changes: dict) -> None:
     for section, values in changes.items():
         params[section] = {**(params.get(section) or {}), **values}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def free_port() -> int:
+    """A local port that nothing listens on (until someone binds it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,13 +1,12 @@
 """Smoke tests: each benchmark script runs on the tiny preset and prints its tables. Speed is never asserted."""
 import importlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline_utils import ROOT
 
 
 @pytest.fixture

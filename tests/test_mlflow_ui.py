@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_tracking_server import MlflowServer, mlflow_server
+from mlflow_server import MlflowServer, mlflow_server
 
 RUNS = {  # run name -> (train.lr, loss by step, val.bits_per_character)
     "lr-high": (3e-3, [3.0, 2.5, 2.1], 1.05),

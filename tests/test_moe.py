@@ -36,6 +36,7 @@ def reference_moe(moe: MoE, config: ModelConfig, x: torch.Tensor) -> torch.Tenso
     dict(score_func="softmax", num_shared_experts=0),
     dict(num_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5),
     dict(num_shared_experts=2, num_experts_per_tok=1),
+    dict(moe_intermediate_size=6),  # 24-byte rows: experts run one matmul each instead of grouped_mm
 ])
 def test_moe_matches_per_token_reference(changes):
     config = ModelConfig.from_preset("tiny", **changes)
@@ -116,7 +117,8 @@ def test_grouped_linear_matches_a_matmul_per_expert_with_empty_experts(dim, grou
     x = torch.randn(int(counts.sum()), dim, requires_grad=True)
     weight = torch.randn(len(counts), 4, dim, requires_grad=True)
     assert moe_module.grouped_mm_supported(x, weight) == grouped
-    out = moe_module.grouped_linear(x, weight, counts.cumsum(0).to(torch.int32))
+    sizes = None if grouped else counts.tolist()
+    out = moe_module.grouped_linear(x, weight, counts.cumsum(0).to(torch.int32), sizes)
     expert_of_row = torch.repeat_interleave(torch.arange(len(counts)), counts)
     expected = torch.stack([weight[e] @ x[i] for i, e in enumerate(expert_of_row.tolist())])
     torch.testing.assert_close(out, expected)

@@ -7,8 +7,7 @@ from click.testing import CliRunner
 
 from deepseek.errors import UserError
 from deepseek.params import check_params, load_model_config, load_section
-
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline_utils import ROOT
 
 
 def write_params(tmp_path: Path, **changes) -> Path:

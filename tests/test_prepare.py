@@ -5,7 +5,6 @@ import functools
 import hashlib
 import http.server
 import json
-import socket
 import threading
 from pathlib import Path
 
@@ -25,22 +24,15 @@ from deepseek.data import (
 )
 from deepseek.errors import UserError
 from deepseek.params import DataParams
+from pipeline_utils import REAL_CORPUS, free_port
 from stages.prepare import prepare
 
-# CI clones the repository with shared/ beside it, so look next to the checkout rather than at a fixed path.
-REAL_CORPUS = Path(__file__).resolve().parents[2] / "shared/data/input-1.txt"
 DEFAULT_SHA256 = DataParams().sha256
 SMALL_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 
 
 def sha256_of(data: str | bytes) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -121,7 +113,7 @@ def test_download_with_wrong_sha256_leaves_nothing(served, tmp_path):
 @pytest.mark.parametrize("path", ["missing.txt", None])
 def test_failed_download_is_one_line_and_leaves_nothing(served, tmp_path, path):
     _, url = served
-    url = f"{url}/{path}" if path else f"http://127.0.0.1:{closed_port()}/x"
+    url = f"{url}/{path}" if path else f"http://127.0.0.1:{free_port()}/x"
     dest = tmp_path / "data" / "input-1.txt"
     with pytest.raises(UserError) as caught:
         download(url, dest, "0" * 64)
@@ -288,7 +280,7 @@ def test_cli_writes_outputs_and_a_summary(tmp_path):
     (SMALL_TEXT.encode(), {"source": "wikipedia"}, "data.source = 'wikipedia' must be one of"),
 ], ids=["unreachable", "empty", "not-utf8", "too-short", "unknown-source"])
 def test_cli_bad_inputs_fail_in_one_line_without_outputs(tmp_path, content, data, expected):
-    port = closed_port()
+    port = free_port()
     local = tmp_path / "data" / "input-1.txt"
     local.parent.mkdir()
     if content is not None:

@@ -13,11 +13,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import deepseek.tokenizer as tk
+from deepseek import data
 from deepseek.errors import UserError
 from deepseek.params import TokenizerParams
+from pipeline_utils import REAL_CORPUS
 from stages.tokenize import tokenize
-
-REAL_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "input-1.txt"
 
 CHAR_TRAIN = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n  All:\tSpeak, speak.\n"
 CHAR_VAL = "Zounds! we speak?\n"  # Z, ! and ? never occur in CHAR_TRAIN
@@ -34,11 +34,7 @@ def words_text(n_words: int, seed: int = 0) -> str:
 
 
 def write_prepared(directory: Path, train: str, val: str) -> Path:
-    directory.mkdir(parents=True)
-    (directory / "train.txt").write_text(train, encoding="utf-8", newline="")
-    (directory / "val.txt").write_text(val, encoding="utf-8", newline="")
-    stats = {"train_characters": len(train), "val_characters": len(val)}
-    (directory / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
+    data.write_prepared(directory, train, val, {"train_characters": len(train), "val_characters": len(val)})
     return directory
 
 
