@@ -63,14 +63,17 @@ def evaluation_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_ba
                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive non-overlapping windows: every token after the first is predicted exactly once.
 
-    The last window may be shorter; it is yielded alone so that batches stay rectangular.
+    The last window may be shorter; it is yielded alone so that batches stay rectangular. With max_batches,
+    that many batches spread evenly over the split: a sample of all of it, not of its first pages.
     """
     starts = list(range(0, len(tokens) - 1, seq_len))
     full = [s for s in starts if s + seq_len + 1 <= len(tokens)]
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     if len(full) < len(starts):
         batches.append([starts[-1]])
-    for batch in batches[:max_batches]:
+    if max_batches is not None and max_batches < len(batches):
+        batches = [batches[i] for i in np.linspace(0, len(batches) - 1, max_batches).round().astype(int)]
+    for batch in batches:
         end = min(batch[0] + seq_len + 1, len(tokens)) - batch[0]
         windows = torch.from_numpy(np.stack([tokens[s:s + end].astype(np.int64) for s in batch]))
         yield windows[:, :-1], windows[:, 1:]

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -20,12 +21,17 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def loss_curves(train_rows: list[dict], val_rows: list[dict], path: Path) -> Path:
-    """Training and validation loss against optimizer step."""
+def loss_curves(train_rows: list[dict[str, float]], val_rows: list[dict[str, float]], final_val_loss: float,
+                path: Path) -> Path:
+    """Training loss, the sampled validation loss of training, and the whole-split one of evaluate, by step."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train_rows], [float(r["loss"]) for r in train_rows], label="train")
-    ax.plot([r["step"] for r in val_rows], [float(r["val_loss"]) for r in val_rows], "o-", label="validation")
+    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train (logging window)")
+    ax.plot([r["step"] for r in val_rows], [r["val_loss_sampled"] for r in val_rows], "o-",
+            label="validation, sampled batches")
+    last_step = max((r["step"] for r in train_rows + val_rows), default=0)
+    ax.plot([last_step], [final_val_loss], "*", markersize=12, label="validation, whole split (evaluate)")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="Loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)

@@ -1,7 +1,8 @@
-"""params.yaml, section by section: every value is checked before any work starts."""
+"""params.yaml, read once into one typed Params: every value is checked before any work starts."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any, Literal
 
 import yaml
 
+from deepseek.config import PRESETS, ModelConfig
 from deepseek.errors import UserError, first_line
 
 PARAMS_FILE = "params.yaml"
@@ -58,7 +60,7 @@ class TrainParams:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
     log_interval: int = 10
     eval_interval: int = 100
-    eval_batches: int = 8
+    eval_batches: int = 8  # validation batches, spread over the split, for training's val_loss_sampled
     sample_interval: int = 200
     sample_prompt: str = "The meaning of life is"
     sample_tokens: int = 120
@@ -128,45 +130,67 @@ SECTIONS: dict[str, type] = {"data": DataParams, "tokenizer": TokenizerParams, "
                              "evaluate": EvaluateParams, "sample": SampleParams, "mlflow": MlflowParams}
 
 
-def load_model_config(vocab_size: int, path: str | Path = PARAMS_FILE):
-    """The ModelConfig that params `model:` describes: a preset plus overrides; the tokenizer sets the vocab."""
-    from deepseek.config import ModelConfig
+@dataclass(frozen=True)
+class ModelParams:
+    """A preset plus the ModelConfig fields params.yaml sets; a null field keeps the preset's value."""
+    preset: str = "cpu"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    values = dict(read_params(path).get("model") or {})
-    if "vocab_size" in values:
-        raise UserError("params model.vocab_size is set by the tokenizer; remove it "
-                        "(for bpe, set tokenizer.vocab_size)")
-    preset = values.pop("preset", "cpu")
-    try:
-        return ModelConfig.from_preset(preset, vocab_size=vocab_size, **values)
-    except (ValueError, TypeError) as error:
-        raise UserError(f"params model: {error}") from None
-
-
-def load_seed(path: str | Path = PARAMS_FILE) -> int:
-    seed = read_params(path).get("seed", 1337)
-    _require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", "must be an integer >= 0")
-    return seed
+    def config(self, vocab_size: int) -> ModelConfig:
+        """The model these params describe; the tokenizer decides the vocabulary."""
+        try:
+            return ModelConfig.from_preset(self.preset, vocab_size=vocab_size, **self.overrides)
+        except ValueError as error:
+            raise UserError(f"params model: {error}") from None
 
 
-def load_section(name: str, path: str | Path = PARAMS_FILE) -> Any:
-    """One section of params.yaml, after checking the whole file, so that no stage starts work on bad params."""
-    check_params(path)
-    return parse_section(name, read_params(path).get(name) or {})
+@dataclass(frozen=True)
+class Params:
+    """All of params.yaml, read once and checked as a whole."""
+    seed: int
+    data: DataParams
+    tokenizer: TokenizerParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    sample: SampleParams
+    mlflow: MlflowParams
+    values: dict[str, Any]  # the file as written, for tracking
 
 
-def check_params(path: str | Path = PARAMS_FILE) -> None:
-    """Validate every section, the seed and the model, and how they fit together; UserError names the key."""
-    values = read_params(path)
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """params.yaml, every value checked, so that no stage starts work on bad params; UserError names the key."""
+    return parse_params(read_params(path))
+
+
+def parse_params(values: dict[str, Any]) -> Params:
+    """Params from the mapping a params file holds, checked as load_params checks them."""
     unknown = sorted(set(values) - set(SECTIONS) - {"seed", "model"})
     if unknown:
         raise UserError(f"unknown params section(s) {', '.join(unknown)}; known: seed, model, {', '.join(SECTIONS)}")
     sections = {name: parse_section(name, values.get(name) or {}) for name in SECTIONS}
-    load_seed(path)
-    model = load_model_config(vocab_size=sections["tokenizer"].vocab_size, path=path)
-    if sections["train"].seq_len > model.max_seq_len:
-        raise UserError(f"params train.seq_len ({sections['train'].seq_len}) exceeds the model's max_seq_len "
+    params = Params(seed=_parse_seed(values.get("seed", 1337)), model=_parse_model(values.get("model") or {}),
+                    values=values, **sections)
+    model = params.model.config(vocab_size=params.tokenizer.vocab_size)
+    if params.train.seq_len > model.max_seq_len:
+        raise UserError(f"params train.seq_len ({params.train.seq_len}) exceeds the model's max_seq_len "
                         f"({model.max_seq_len}); lower train.seq_len or raise model.max_seq_len")
+    return params
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where a float needs a dot: `3e-05` would be the string '3e-05'. DVC writes
+    `-S train.lr=3e-5` that way because it follows YAML 1.2, so this loader reads exponents as YAML 1.2 does."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as DVC writes it (1.2 numbers): the one way this project reads params files."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -174,7 +198,7 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"{path} not found: run from the project root, or pass --params PATH")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = load_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise UserError(f"{path} is not valid YAML: {first_line(error)}") from None
     if not isinstance(values, dict):
@@ -184,19 +208,62 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
 
 def parse_section(name: str, values: Any) -> Any:
     cls = SECTIONS[name]
+    section = cls(**_typed_fields(name, values, cls))
+    section.check()
+    return section
+
+
+def _parse_model(values: Any) -> ModelParams:
+    if not isinstance(values, dict):
+        raise UserError("params model must be a mapping of keys to values")
+    values = dict(values)
+    if values.get("vocab_size") is not None:
+        raise UserError("params model.vocab_size is set by the tokenizer; remove it "
+                        "(for bpe, set tokenizer.vocab_size)")
+    values.pop("vocab_size", None)
+    preset = values.pop("preset", "cpu")
+    if preset not in PRESETS:
+        raise UserError(f"params model.preset = {preset!r} must be one of {', '.join(map(repr, PRESETS))}")
+    fields = _typed_fields("model", values, ModelConfig)
+    return ModelParams(preset, {key: value for key, value in fields.items() if value is not None})
+
+
+def _parse_seed(seed: Any) -> int:
+    seed = _whole(seed)
+    # numpy's global seed must fit in 32 bits.
+    _require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32, "seed",
+             "must be an integer from 0 to 2**32 - 1")
+    return seed
+
+
+def _typed_fields(name: str, values: Any, cls: type) -> dict[str, Any]:
+    """values checked against cls's fields and type hints; a whole float (1e3) may stand for an integer.
+
+    Model fields may be null (the preset's value)."""
     if not isinstance(values, dict):
         raise UserError(f"params {name} must be a mapping of keys to values")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = [f.name for f in dataclasses.fields(cls) if f.name != "vocab_size" or cls is not ModelConfig]
     for key in values:
         if key not in fields:
             raise UserError(f"unknown params key {name}.{key}; known keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
+    typed = {}
     for key, value in values.items():
-        if not _matches(value, hints[key]):
-            raise UserError(f"params {name}.{key} = {value!r} must be {_describe(hints[key])}")
-    section = cls(**values)
-    section.check()
-    return section
+        hint = hints[key] | None if cls is ModelConfig else hints[key]
+        value = _whole(value) if _accepts_int(hint) else value
+        if not _matches(value, hint):
+            raise UserError(f"params {name}.{key} = {value!r} must be {_describe(hint)}")
+        typed[key] = value
+    return typed
+
+
+def _whole(value: Any) -> Any:
+    """1000.0 (how YAML reads 1e3) as the integer 1000; anything else unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _accepts_int(hint: Any) -> bool:
+    return hint is int or int in typing.get_args(hint)
 
 
 def _require(ok: bool, key: str, problem: str) -> None:

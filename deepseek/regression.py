@@ -10,9 +10,12 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,13 +26,16 @@ import torch
 import yaml
 from torch import nn
 
+from deepseek.config import ModelConfig
 from deepseek.files import write_json
-from deepseek.trainer import run_fingerprint
+from deepseek.model import DeepSeekLM
+from deepseek.params import TrainParams, load_yaml, parse_params
+from deepseek.trainer import build_optimizer, run_fingerprint
 
 PROFILE = Path(".ci/profile.yaml")
 TOLERANCES = Path(".ci/tolerances.yaml")
 BASELINE = Path(".ci/baseline.json")
-METRIC_FILES = ("metrics.json", "train_metrics.json")
+METRICS = "reports/metrics.json"  # the evaluate stage's DVC metrics
 
 
 @dataclass
@@ -70,7 +76,7 @@ def lock_status(repo: Path) -> list[str]:
     return stale_lock_entries(json.loads(result.stdout or "{}"))
 
 
-# --- throughput reference -------------------------------------------------------------------------------------
+# --- throughput, relative to a reference timed in the same process ---------------------------------------------
 
 class ReferenceLM(nn.Module):
     """A fixed dense transformer built only from torch.nn, so our code changes never change it."""
@@ -87,20 +93,47 @@ class ReferenceLM(nn.Module):
         return self.head(self.blocks(self.embed(ids), mask=mask, is_causal=True))
 
 
-def reference_throughput(steps: int = 20, batch: int = 16, seq_len: int = 128, warmup: int = 3) -> float:
-    """Training tokens per second of ReferenceLM on this machine, now."""
-    torch.manual_seed(0)
-    model = ReferenceLM()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, 512, (batch, seq_len + 1))
-    for step in range(warmup + steps):
-        if step == warmup:
-            start = time.perf_counter()
-        logits = model(ids[:, :-1])
-        nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+def _training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> Callable[[], None]:
+    """One optimizer step on ids: forward, backward, clipping, update (and, for ours, the balancing update)."""
+    def step() -> None:
+        if isinstance(model, DeepSeekLM):
+            loss = model(ids[:, :-1], ids[:, 1:]).loss
+        else:
+            loss = nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return steps * batch * seq_len / (time.perf_counter() - start)
+        if isinstance(model, DeepSeekLM):
+            model.update_expert_bias()
+    return step
+
+
+def interleaved_throughput(config: ModelConfig, train: TrainParams, rounds: int = 30, warmup: int = 3) -> list[float]:
+    """Our training step's speed over ReferenceLM's, once per round of one step each, alternating which goes first.
+
+    Both see the same batch of train.micro_batch_size x train.seq_len tokens. Load from other processes
+    slows both steps of a round alike, so it cancels in the round's ratio; the median over rounds is robust
+    to the rounds it does not.
+    """
+    torch.manual_seed(0)
+    ours = DeepSeekLM(config)
+    reference = ReferenceLM(vocab=config.vocab_size)
+    ids = torch.randint(0, config.vocab_size, (train.micro_batch_size, train.seq_len + 1))
+    our_step = _training_step(ours, build_optimizer(ours, train), ids)
+    reference_step = _training_step(reference, torch.optim.AdamW(reference.parameters(), fused=True), ids)
+    for _ in range(warmup):
+        our_step()
+        reference_step()
+    ratios = []
+    for round_ in range(rounds):
+        seconds = {}
+        for name, step in (("ours", our_step), ("reference", reference_step))[:: 1 if round_ % 2 else -1]:
+            start = time.perf_counter()
+            step()
+            seconds[name] = time.perf_counter() - start
+        ratios.append(seconds["reference"] / seconds["ours"])
+    return ratios
 
 
 # --- running the CI profile -----------------------------------------------------------------------------------
@@ -116,10 +149,34 @@ def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.Completed
     return result
 
 
-def profile_params(repo: Path, profile: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """params.yaml with the profile and then the overrides ({"train.lr": 0}) merged in."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in (yaml.safe_load(profile.read_text()) or {}).items():
+@contextmanager
+def scratch_copy(repo: Path) -> Iterator[Path]:
+    """A temporary git repository with repo's tracked files: the code as in the working tree, so a change can
+    be checked before it is committed, but params.yaml and dvc.lock as committed at HEAD, so an experiment
+    applied to the workspace (`dvc exp run` writes both) changes nothing here."""
+    with tempfile.TemporaryDirectory(prefix="deepseek-regression-") as tmp:
+        workdir = Path(tmp)
+        for name in _run(["git", "ls-files"], repo).stdout.splitlines() + ["data/input-1.txt"]:
+            if (repo / name).is_file() and not name.startswith("reports/"):
+                (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(repo / name, workdir / name)
+        for name in ("params.yaml", "dvc.lock"):
+            committed = _run(["git", "show", f"HEAD:{name}"], repo, check=name == "params.yaml")
+            (workdir / name).unlink(missing_ok=True)
+            if committed.returncode == 0:  # without a committed dvc.lock, the lock check finds every stage stale
+                (workdir / name).write_text(committed.stdout)
+        _run(["git", "init", "-q"], workdir)
+        _run(["git", "add", "-A"], workdir)
+        _run(["git", "commit", "-qm", "as committed"], workdir)
+        # Share the project's DVC cache: data preparation comes from DVC's run cache when nothing changed it.
+        _run(["dvc", "cache", "dir", "--local", str(repo / ".dvc" / "cache")], workdir)
+        yield workdir
+
+
+def profile_params(workdir: Path, profile: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """workdir's params.yaml with the profile and then the overrides ({"train.lr": 0}) merged in."""
+    params = load_yaml((workdir / "params.yaml").read_text())
+    for section, values in (load_yaml(profile.read_text()) or {}).items():
         params[section] = {**params.get(section, {}), **values} if isinstance(values, dict) else values
     for key, value in overrides.items():
         section, _, name = key.partition(".")
@@ -130,42 +187,36 @@ def profile_params(repo: Path, profile: Path, overrides: dict[str, Any]) -> dict
     return params
 
 
-def run_profile(repo: Path, params: dict[str, Any], baseline: dict[str, Any] | None, workdir: Path) -> dict:
-    """Run the pipeline on params in a scratch copy of repo; returns its reports and `dvc metrics diff --md`."""
-    tracked = _run(["git", "ls-files"], repo).stdout.splitlines()
-    for name in tracked + ["data/input-1.txt"]:
-        if (repo / name).is_file() and not name.startswith("reports/"):
-            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo / name, workdir / name)
+def run_profile(workdir: Path, params: dict[str, Any], baseline: dict[str, Any] | None) -> dict:
+    """Run the pipeline on params in the scratch copy; returns its metrics, its vocabulary, `dvc metrics diff --md`."""
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (workdir / "dvc.lock").unlink(missing_ok=True)
-    for name, values in (baseline or {}).get("reports", {}).items():  # so `dvc metrics diff` compares with them
-        (workdir / "reports").mkdir(exist_ok=True)
-        (workdir / "reports" / name).write_text(json.dumps(values, indent=2))
-    _run(["git", "init", "-q"], workdir)
+    if baseline is not None:  # so that `dvc metrics diff` compares with the baseline's
+        write_json(workdir / METRICS, baseline["reports"]["metrics.json"])
     _run(["git", "add", "-A"], workdir)
-    _run(["git", "commit", "-qm", "baseline"], workdir)
-    # Share the project's DVC cache: data preparation comes from DVC's run cache when nothing changed it.
-    # Training always runs (--no-run-cache), since its throughput is one of the things measured.
-    _run(["dvc", "cache", "dir", "--local", str(repo / ".dvc" / "cache")], workdir)
+    _run(["git", "commit", "-qm", "CI profile"], workdir)
     click.echo("running the pipeline on the CI profile ...")
     _run(["dvc", "repro", "tokenize"], workdir)
-    _run(["dvc", "repro", "--no-run-cache"], workdir)
+    _run(["dvc", "repro", "--no-run-cache"], workdir)  # always train: a cached result would test nothing
     diff = _run(["dvc", "metrics", "diff", "--md"], workdir, check=False)
-    return {"reports": {name: json.loads((workdir / "reports" / name).read_text()) for name in METRIC_FILES},
+    return {"reports": {"metrics.json": json.loads((workdir / METRICS).read_text())},
+            "vocab_size": json.loads((workdir / "data" / "tokens" / "meta.json").read_text())["vocab_size"],
             "metrics_diff": diff.stdout if diff.returncode == 0 else f"(dvc metrics diff failed: {diff.stderr})"}
 
 
-def measure(repo: Path, params: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
-    """The gate's metrics for params: the reference is timed before and after the pipeline, and averaged."""
-    reference_before = reference_throughput()
-    with tempfile.TemporaryDirectory(prefix="deepseek-regression-") as tmp:
-        result = run_profile(repo, params, baseline, Path(tmp))
-    reference = (reference_before + reference_throughput()) / 2
-    val, train = result["reports"]["metrics.json"]["val"], result["reports"]["train_metrics.json"]
-    result["metrics"] = {"bits_per_character": val["bits_per_character"], "max_vio_global": val["max_vio_global"],
-                         "relative_throughput": train["tokens_per_s"] / reference}
-    result["throughput"] = {"ours_tokens_per_s": train["tokens_per_s"], "reference_tokens_per_s": reference}
+def measure(workdir: Path, params: dict[str, Any], baseline: dict[str, Any] | None, rounds: int) -> dict[str, Any]:
+    """The gate's metrics for params: quality from the pipeline, then throughput timed against the reference."""
+    result = run_profile(workdir, params, baseline)
+    parsed = parse_params(params)
+    click.echo(f"timing {rounds} interleaved rounds of our training step and the reference's ...")
+    ratios = interleaved_throughput(parsed.model.config(result["vocab_size"]), parsed.train, rounds)
+    val = result["reports"]["metrics.json"]["val"]
+    result["metrics"] = {"bits_per_character": val["bits_per_character"], "max_vio": val["max_vio"],
+                         "relative_throughput": statistics.median(ratios)}
+    deciles = statistics.quantiles(ratios, n=10)
+    result["throughput_spread"] = (f"relative throughput: median {statistics.median(ratios):.3f} of {rounds} "
+                                   f"interleaved rounds; 10th-90th percentile {deciles[0]:.3f}-{deciles[-1]:.3f}, "
+                                   f"min {min(ratios):.3f}, max {max(ratios):.3f}")
     return result
 
 
@@ -198,7 +249,7 @@ def _parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = load_yaml(value)
     return overrides
 
 
@@ -212,13 +263,15 @@ def main() -> None:
 def _common(command):
     for option in reversed([
         click.option("--repo", default=".", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-                     help="The project checkout to test."),
+                     help="The project checkout to test: its working tree's code, its committed params.yaml."),
         click.option("--profile", default=str(PROFILE), show_default=True, type=click.Path(path_type=Path),
-                     help="Params merged over params.yaml for the CI run."),
+                     help="Params merged over the committed params.yaml for the CI run."),
         click.option("--baseline", "baseline_path", default=str(BASELINE), show_default=True,
                      type=click.Path(path_type=Path)),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="Extra params over the profile, e.g. --set train.lr=0 (to see the gate fail)."),
+        click.option("--rounds", default=40, show_default=True, type=click.IntRange(min=3),
+                     help="Interleaved rounds (one step of ours, one of the reference) timing the throughput."),
     ]):
         command = option(command)
     return command
@@ -228,7 +281,7 @@ def _common(command):
 @_common
 @click.option("--tolerances", default=str(TOLERANCES), show_default=True, type=click.Path(path_type=Path))
 @click.option("--no-lock-check", is_flag=True, help="Skip the dvc.lock check (for a work in progress).")
-def check(repo: Path, profile: Path, baseline_path: Path, overrides: tuple[str, ...], tolerances: Path,
+def check(repo: Path, profile: Path, baseline_path: Path, overrides: tuple[str, ...], rounds: int, tolerances: Path,
           no_lock_check: bool) -> None:
     """Train the CI profile and fail if it regressed against the baseline, or if dvc.lock is stale."""
     repo = repo.resolve()
@@ -236,10 +289,11 @@ def check(repo: Path, profile: Path, baseline_path: Path, overrides: tuple[str, 
         raise click.ClickException(f"no baseline at {baseline_path}: run `python -m deepseek.regression "
                                    "update-baseline` and commit it")
     baseline = json.loads((repo / baseline_path).read_text())
-    stale = [] if no_lock_check else lock_status(repo)
-    params = profile_params(repo, repo / profile, _parse_overrides(overrides))
-    result = measure(repo, params, baseline)
-    rows = compare(baseline["metrics"], result["metrics"], yaml.safe_load((repo / tolerances).read_text()))
+    with scratch_copy(repo) as workdir:
+        stale = [] if no_lock_check else lock_status(workdir)
+        params = profile_params(workdir, repo / profile, _parse_overrides(overrides))
+        result = measure(workdir, params, baseline, rounds)
+    rows = compare(baseline["metrics"], result["metrics"], load_yaml((repo / tolerances).read_text()))
     if not no_lock_check:
         rows.append(Row("dvc.lock up to date", "yes", "yes" if not stale else "no: " + "; ".join(stale[:4]),
                         "must be yes (run `dvc repro` and commit dvc.lock)", not stale))
@@ -248,12 +302,12 @@ def check(repo: Path, profile: Path, baseline_path: Path, overrides: tuple[str, 
                     "must be yes (update the baseline after changing the profile)", same_profile))
     table = render(rows)
     click.echo("\nDVC metrics, baseline -> now:\n" + result["metrics_diff"])
-    click.echo(f"throughput: ours {result['throughput']['ours_tokens_per_s']:,.0f} tok/s, reference "
-               f"{result['throughput']['reference_tokens_per_s']:,.0f} tok/s\n")
+    click.echo(result["throughput_spread"] + "\n")
     click.echo(table)
     if os.environ.get("GITHUB_STEP_SUMMARY"):
         with open(os.environ["GITHUB_STEP_SUMMARY"], "a") as summary:
-            summary.write(f"## Regression check\n\n{table}\n\n### DVC metrics\n\n{result['metrics_diff']}\n")
+            summary.write(f"## Regression check\n\n{table}\n\n{result['throughput_spread']}\n\n"
+                          f"### DVC metrics\n\n{result['metrics_diff']}\n")
     if not all(row.ok for row in rows):
         raise click.ClickException("regression check failed: see the FAIL rows above")
     click.echo("regression check passed")
@@ -261,16 +315,18 @@ def check(repo: Path, profile: Path, baseline_path: Path, overrides: tuple[str, 
 
 @main.command("update-baseline")
 @_common
-def update_baseline(repo: Path, profile: Path, baseline_path: Path, overrides: tuple[str, ...]) -> None:
+def update_baseline(repo: Path, profile: Path, baseline_path: Path, overrides: tuple[str, ...], rounds: int) -> None:
     """Train the CI profile and record its metrics as the new baseline (commit the file afterwards)."""
     repo = repo.resolve()
-    params = profile_params(repo, repo / profile, _parse_overrides(overrides))
-    result = measure(repo, params, None)
+    with scratch_copy(repo) as workdir:
+        params = profile_params(workdir, repo / profile, _parse_overrides(overrides))
+        result = measure(workdir, params, None, rounds)
     baseline = {"metrics": result["metrics"], "reports": result["reports"],
                 "profile_hash": run_fingerprint(params), "machine": f"{platform.processor() or platform.machine()}, "
                 f"{os.cpu_count()} cores, torch {torch.__version__}",
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_json(repo / baseline_path, baseline)
+    click.echo(result["throughput_spread"])
     click.echo(json.dumps(result["metrics"], indent=2))
     click.echo(f"wrote {baseline_path}; commit it")
 

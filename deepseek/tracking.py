@@ -192,6 +192,19 @@ class Run:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._do(lambda: self.client.log_batch(self.run_id, metrics=items))
 
+    def log_dataset(self, stats: dict[str, Any], source: str) -> None:
+        """The corpus as the run's dataset input, its facts (characters, lines, sha256, ...) as the profile.
+
+        Facts of the data are not params or metrics of the run: logged as those, constant columns would crowd
+        every comparison of runs (MLflow's parallel-coordinates plot would pick them).
+        """
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=str(stats.get("source", "corpus")), digest=str(stats.get("sha256", ""))[:12],
+                          source_type="local", source=json.dumps({"uri": source}), profile=json.dumps(stats))
+        context = InputTag("mlflow.data.context", "training")
+        self._do(lambda: self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[context])]))
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():

@@ -160,8 +160,14 @@ class TrainingStopped(Exception):
         super().__init__(message)
         self.exit_code = exit_code
 
+    @property
+    def by_signal(self) -> bool:
+        """Stopped on request (Ctrl-C, SIGTERM), which is no error."""
+        return self.exit_code in SIGNAL_EXIT_CODES.values()
+
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report them
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C, SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
 @contextmanager
@@ -319,9 +325,10 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
                 if main_rank and (done % params.eval_interval == 0 or last):
                     val = evaluate(model, val_tokens, params.seq_len, params.micro_batch_size,
                                    max_batches=params.eval_batches, dtype=dtype)
-                    history.val.append({"step": done, "val_loss": val["loss"]})
-                    _log(sinks, {"val_loss": val["loss"]}, done)
-                    say(f"step {done:>6} | val loss {val['loss']:.4f}")
+                    # Not the evaluate stage's whole-split val.loss: a sample of the split, to follow training.
+                    history.val.append({"step": done, "val_loss_sampled": val["loss"]})
+                    _log(sinks, {"val_loss_sampled": val["loss"]}, done)
+                    say(f"step {done:>6} | val loss {val['loss']:.4f} ({params.eval_batches} sampled batches)")
                     history.write(outputs.reports_dir)
 
                 if main_rank and sampler is not None and (done % params.sample_interval == 0 or last):
@@ -337,15 +344,15 @@ def train(model: DeepSeekLM, params: TrainParams, train_tokens: np.ndarray, val_
                                       "raise train.grad_clip, then rerun to resume", exit_code=1)
             if "signal" in stop and not last:
                 path = checkpoint(done)
-                raise TrainingStopped(f"{stop['signal'].name} received: stopped at step {done}, checkpoint "
-                                      f"{path}. Rerun the same command (or dvc repro) to resume",
+                raise TrainingStopped(f"Interrupted ({SIGNAL_NAMES[stop['signal']]}): stopped at step {done}, "
+                                      f"checkpoint {path}. Rerun the same command (or dvc repro) to resume",
                                       exit_code=SIGNAL_EXIT_CODES[stop["signal"]])
 
     if main_rank:
         history.write(outputs.reports_dir)
     final = history.train[-1]
     return {"train_loss": final["loss"], "train_accuracy": final["accuracy"],
-            "val_loss": history.val[-1]["val_loss"] if history.val else None,
+            "val_loss_sampled": history.val[-1]["val_loss_sampled"] if history.val else None,
             "tokens_per_s": clock.overall if clock.total_s else final["tokens_per_s"], "steps": params.max_steps,
             "tokens": params.max_steps * params.tokens_per_step * distributed.world_size()}
 

@@ -12,7 +12,7 @@ from deepseek.checkpoint import load_model
 from deepseek.errors import report_user_errors
 from deepseek.evaluation import evaluate as evaluate_model
 from deepseek.files import write_json, write_text
-from deepseek.params import load_section
+from deepseek.params import load_params
 from deepseek.tokenizer import load_meta, load_tokens
 
 
@@ -26,24 +26,25 @@ from deepseek.tokenizer import load_meta, load_tokens
 @report_user_errors
 def evaluate(params_path: str, model_dir: Path, tokens_dir: Path, reports_dir: Path) -> None:
     """Loss, perplexity, bits per character, accuracy and expert balance on the validation split."""
-    eval_params = load_section("evaluate", params_path)
-    seq_len = load_section("train", params_path).seq_len
+    params = load_params(params_path)
     model = load_model(model_dir)
     meta = load_meta(tokens_dir)
-    val = evaluate_model(model, load_tokens(tokens_dir, "val"), seq_len, eval_params.batch_size,
+    val = evaluate_model(model, load_tokens(tokens_dir, "val"), params.train.seq_len, params.evaluate.batch_size,
                          characters=meta["val_characters"], progress=True)
     balance = val.pop("balance")
-    metrics = {"val": {**val, "max_vio_global": balance["max_vio_global"],
-                       **{f"max_vio_layer_{i}": layer["max_vio"] for i, layer in enumerate(balance["layers"])}}}
+    # The DVC metrics file holds the headline only, so that `dvc exp show` stays readable.
+    metrics = {"val": {key: val[key] for key in ("bits_per_character", "loss", "perplexity", "accuracy")}
+               | {"max_vio": balance["max_vio_global"]}}
     write_json(reports_dir / "metrics.json", metrics)
 
     fractions = np.array([layer["load_fractions"] for layer in balance["layers"]])
     _write_expert_load_csv(reports_dir / "expert_load.csv", fractions)
     figures.expert_load(fractions, reports_dir / "figures" / "expert_load.png")
     figures.loss_curves(_read_csv(reports_dir / "train_log.csv"), _read_csv(reports_dir / "val_log.csv"),
-                        reports_dir / "figures" / "loss.png")
+                        val["loss"], reports_dir / "figures" / "loss.png")
     run = tracking.Run.resume(reports_dir / tracking.RUN_FILE)
-    run.log_metrics(tracking.flatten(metrics))
+    run.log_metrics(tracking.flatten(metrics) | {"val.tokens": val["tokens"]}
+                    | {f"val.max_vio/layer_{i}": layer["max_vio"] for i, layer in enumerate(balance["layers"])})
     run.log_artifact(reports_dir / "figures", "figures")
     run.log_artifact(reports_dir / "expert_load.csv")
     click.echo(f"val: loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
@@ -59,11 +60,12 @@ def _write_expert_load_csv(path: Path, fractions: np.ndarray) -> None:
     write_text(path, "\n".join(lines) + "\n")
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _read_csv(path: Path) -> list[dict[str, float]]:
+    """The train stage's loss log, as numbers (csv gives strings, which matplotlib would plot as labels)."""
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import click
 
 from deepseek.data import PREPARED_DIR, prepare_corpus
 from deepseek.errors import report_user_errors
-from deepseek.params import PARAMS_FILE, load_section
+from deepseek.params import PARAMS_FILE, load_params
 
 
 @click.command()
@@ -29,7 +29,7 @@ def prepare(params_path: str, out_dir: str) -> None:
     stats.json records the source, the sha256 of the raw text, and its characters, lines, unique characters
     and split sizes. The three files appear together or not at all.
     """
-    params = load_section("data", params_path)
+    params = load_params(params_path).data
     stats = prepare_corpus(params, out_dir)
     click.echo(f"prepared {stats['source']}: {stats['characters']:,} characters, {stats['lines']:,} lines, "
                f"{stats['unique_characters']:,} unique; train {stats['train_characters']:,}, "

@@ -11,7 +11,7 @@ from deepseek.checkpoint import TOKENIZER, load_model
 from deepseek.errors import report_user_errors
 from deepseek.files import write_json, write_text
 from deepseek.generate import generate_text
-from deepseek.params import SampleParams, load_section
+from deepseek.params import load_params
 from deepseek.tokenizer import load_tokenizer
 
 
@@ -24,7 +24,7 @@ from deepseek.tokenizer import load_tokenizer
 @report_user_errors
 def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
     """Generate a continuation of every prompt in params.yaml `sample.prompts`."""
-    params: SampleParams = load_section("sample", params_path)
+    params = load_params(params_path).sample
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir / TOKENIZER)
     generator = torch.Generator().manual_seed(params.seed)

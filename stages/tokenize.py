@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from deepseek.errors import report_user_errors
-from deepseek.params import PARAMS_FILE, load_section
+from deepseek.params import PARAMS_FILE, load_params
 from deepseek.tokenizer import PREPARED_DIR, TOKENIZER_DIR, TOKENS_DIR, tokenize_corpus
 
 
@@ -34,7 +34,7 @@ def tokenize(params_path: str, prepared_dir: str, tokenizer_dir: str, tokens_dir
     readable with numpy.memmap; meta.json records the kind, vocab size, dtype, token and character counts and
     the end-of-text id. Both output folders are replaced only when everything has succeeded.
     """
-    params = load_section("tokenizer", params_path)
+    params = load_params(params_path).tokenizer
     meta = tokenize_corpus(params, prepared_dir, tokenizer_dir, tokens_dir)
     click.echo(f"tokenizer {meta['kind']}: vocab {meta['vocab_size']:,} -> {tokenizer_dir}")
     for split in ("train", "val"):

@@ -16,7 +16,7 @@ from deepseek.checkpoint import CONFIG, INFO, WEIGHTS, find_resume_point, list_c
 from deepseek.errors import UserError, report_user_errors
 from deepseek.files import write_json
 from deepseek.model import DeepSeekLM
-from deepseek.params import load_model_config, load_section, load_seed, read_params
+from deepseek.params import DataParams, load_params
 from deepseek.tokenizer import load_meta, load_tokenizer, load_tokens
 from deepseek.trainer import (Sampler, TrainingStopped, TrainOutputs, code_version, run_fingerprint,
                               seed_everything)
@@ -27,13 +27,13 @@ from deepseek.trainer import train as run_training
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(),
               help="Parameters file.")
 @click.option("--data-stats", default="data/prepared/stats.json", show_default=True, type=click.Path(path_type=Path),
-              help="The prepare stage's stats, recorded with the run.")
+              help="The prepare stage's stats, recorded with the run as its MLflow dataset.")
 @click.option("--tokens-dir", default="data/tokens", show_default=True, type=click.Path(path_type=Path))
 @click.option("--tokenizer-dir", default="data/tokenizer", show_default=True, type=click.Path(path_type=Path))
 @click.option("--model-dir", default="model", show_default=True, type=click.Path(path_type=Path),
               help="Gets final/ (weights, config, tokenizer) and checkpoints/.")
 @click.option("--reports-dir", default="reports", show_default=True, type=click.Path(path_type=Path),
-              help="Gets train_metrics.json, the loss logs train_log.csv, val_log.csv, and mlflow_run.json.")
+              help="Gets train_summary.json, the loss logs train_log.csv, val_log.csv, and mlflow_run.json.")
 @report_user_errors
 def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: Path, model_dir: Path,
           reports_dir: Path) -> None:
@@ -48,11 +48,10 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
     130 stopped by Ctrl-C and 143 by SIGTERM, both after saving a checkpoint.
     """
     distributed.init_from_env()  # under torchrun; a no-op for one process
-    train_params = load_section("train", params_path)
-    mlflow_params = load_section("mlflow", params_path)
-    seed = load_seed(params_path)
+    params = load_params(params_path)
+    train_params, mlflow_params, seed = params.train, params.mlflow, params.seed
     meta = load_meta(tokens_dir)
-    config = load_model_config(meta["vocab_size"], params_path)
+    config = params.model.config(meta["vocab_size"])
     tokenizer = load_tokenizer(tokenizer_dir)
     train_tokens, val_tokens = load_tokens(tokens_dir, "train"), load_tokens(tokens_dir, "val")
     stats = json.loads(data_stats.read_text()) if data_stats.exists() else {}
@@ -70,9 +69,11 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
     elif resume is not None and resume.info.get("mlflow_run_id"):
         run = tracking.Run.attach(resume.info["mlflow_run_id"])  # an interrupted run goes on in the same MLflow run
     else:
-        run = tracking.Run.start(params=read_params(params_path), tags=_run_tags(stats))
-        run.log_metrics({f"data.{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
-                        | {f"model.parameters.{k}": v for k, v in counts.items()})
+        # The model section as it resolved (its nulls are the preset's values), so runs compare by what they trained.
+        logged = params.values | {"model": {"preset": params.model.preset, **config.to_dict()}}
+        run = tracking.Run.start(params=logged, tags=_run_tags(stats))
+        run.log_dataset(stats, source=_corpus_uri(params.data))
+        run.log_metrics({f"model.parameters.{k}": v for k, v in counts.items()})
         run.log_artifact(params_path)
         run.log_artifact(tokenizer_dir, "tokenizer")
     if distributed.is_main():
@@ -87,7 +88,7 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
                                resume=resume, checkpoint_info={"fingerprint": fingerprint, "mlflow_run_id": run.run_id})
     except TrainingStopped as stopped:
         run.finish("KILLED")
-        click.echo(f"Error: {stopped}", err=True)
+        click.echo(str(stopped) if stopped.by_signal else f"Error: {stopped}", err=True)
         sys.exit(stopped.exit_code)
     except ValueError as error:  # e.g. a split too short for the sequence length, or no CUDA device
         run.finish("FAILED")
@@ -99,7 +100,7 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
     if not distributed.is_main():
         return
     final_dir = save_model(model, model_dir / "final", tokenizer_dir=tokenizer_dir)
-    write_json(reports_dir / "train_metrics.json", {**metrics, "parameters": counts})
+    write_json(reports_dir / "train_summary.json", {**metrics, "parameters": counts})
     run.log_metrics({f"final.{k}": v for k, v in metrics.items()})
     run.log_artifact(final_dir, "checkpoint")  # the same bytes as the DVC-tracked model/final
     for checkpoint in list_checkpoints(model_dir / "checkpoints"):
@@ -108,8 +109,12 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
     tracking.log_model(run, final_dir, mlflow_params.model_name if mlflow_params.register_model else None,
                        mlflow_params.alias)
     run.finish()
-    click.echo(f"done: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}; "
+    click.echo(f"done: train loss {metrics['train_loss']:.4f}, sampled val loss {metrics['val_loss_sampled']:.4f}; "
                f"model in {final_dir}" + (f"; MLflow run {run.run_id}" if run.active else ""))
+
+
+def _corpus_uri(data: DataParams) -> str:
+    return f"{data.smollm_dataset}/{data.smollm_subset}" if data.source == "smollm" else data.path
 
 
 def _run_tags(stats: dict) -> dict[str, str]:

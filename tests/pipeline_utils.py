@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from deepseek.params import load_yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 # CI clones the repository with shared/ beside it, so look next to the checkout rather than at a fixed path.
 REAL_CORPUS = ROOT.parent / "shared" / "data" / "input-1.txt"
@@ -76,7 +78,7 @@ def stages_run(output: str) -> set[str]:
 
 
 def set_params(repo: Path, **changes: dict) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = load_yaml((repo / "params.yaml").read_text())
     for section, values in changes.items():
         params[section] = {**(params.get(section) or {}), **values}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -6,7 +6,10 @@ import yaml
 from click.testing import CliRunner
 
 from deepseek.errors import UserError
-from deepseek.params import check_params, load_model_config, load_section
+import dataclasses
+
+from deepseek.config import ModelConfig
+from deepseek.params import load_params, load_yaml
 from pipeline_utils import ROOT
 
 
@@ -20,7 +23,7 @@ def write_params(tmp_path: Path, **changes) -> Path:
 
 
 def test_repository_params_are_valid():
-    check_params(ROOT / "params.yaml")
+    load_params(ROOT / "params.yaml")
 
 
 @pytest.mark.parametrize("changes, key", [
@@ -44,12 +47,16 @@ def test_repository_params_are_valid():
     (dict(sample={"temperature": -1}), "sample.temperature"),
     (dict(evaluate={"batch_size": 0}), "evaluate.batch_size"),
     (dict(seed=-3), "seed"),
+    (dict(seed=2**32), "seed"),
+    (dict(train={"max_steps": 10.5}), "train.max_steps"),
+    (dict(model={"num_layers": 2.5}), "model.num_layers"),
+    (dict(model={"score_func": "relu"}), "model.score_func"),
     (dict(trian={"lr": 1.0}), "trian"),
 ])
 def test_bad_params_value_names_the_key(tmp_path, changes, key):
     path = write_params(tmp_path, **changes)
     with pytest.raises(UserError, match=key.replace(".", r"\.")) as error:
-        check_params(path)
+        load_params(path)
     assert "\n" not in str(error.value)
 
 
@@ -70,17 +77,44 @@ def test_invalid_yaml_is_one_line(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("train: {lr: [\n")
     with pytest.raises(UserError, match="not valid YAML"):
-        check_params(path)
+        load_params(path)
 
 
-def test_model_overrides_apply_over_the_preset(tmp_path):
-    path = write_params(tmp_path, model={"preset": "tiny", "num_layers": 3})
-    config = load_model_config(vocab_size=77, path=path)
+def test_model_overrides_apply_over_the_preset_and_null_keeps_it(tmp_path):
+    path = write_params(tmp_path, model={"preset": "tiny", "num_layers": 3, "hidden_size": None}, train={"seq_len": 32})
+    config = load_params(path).model.config(vocab_size=77)
     assert (config.num_layers, config.hidden_size, config.vocab_size) == (3, 32, 77)
+
+
+def test_params_file_lists_every_model_field_as_null_so_dvc_set_reaches_it():
+    """`dvc exp run -S model.X=...` only sets keys that exist in params.yaml (DVC asks for +model.X otherwise)."""
+    model = load_yaml((ROOT / "params.yaml").read_text())["model"]
+    fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]
+    assert list(model) == ["preset", *fields]
+    assert all(model[name] is None for name in fields)
+
+
+@pytest.mark.parametrize("text, value", [("3e-05", 3e-05), ("3E-5", 3e-5), ("1e3", 1000.0), ("2.0e-3", 2e-3),
+                                         (".5e1", 5.0), ("-1e-4", -1e-4), ("1_000", 1000), ("0.001", 0.001)])
+def test_numbers_read_as_yaml_1_2_numbers_as_dvc_writes_them(text, value):
+    loaded = load_yaml(f"x: {text}\n")["x"]
+    assert loaded == value and type(loaded) is type(value)
+
+
+def test_exponent_learning_rates_and_whole_float_counts_are_accepted(tmp_path):
+    """What `dvc exp run -S train.lr=3e-5 -S train.min_lr=3e-6 -S train.max_steps=1e3` writes."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 3e-05\n  min_lr: 3e-06\n  max_steps: 1e3\nmodel:\n  num_layers: 2.0\n")
+    params = load_params(path)
+    assert (params.train.lr, params.train.min_lr) == (3e-05, 3e-06)
+    assert params.train.max_steps == 1000 and type(params.train.max_steps) is int
+    assert params.model.config(vocab_size=100).num_layers == 2
 
 
 def test_sections_fill_in_defaults(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  lr: 0.001\n")
-    assert load_section("train", path).lr == 0.001
-    assert load_section("train", path).micro_batch_size == 16
+    params = load_params(path)
+    assert params.train.lr == 0.001
+    assert params.train.micro_batch_size == 16
+    assert (params.seed, params.model.preset) == (1337, "cpu")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from deepseek.checkpoint import find_resume_point, list_checkpoints
-from pipeline_utils import ROOT, TINY_PARAMS, write_tiny_corpus
+from pipeline_utils import ROOT, TINY_PARAMS, set_params, write_tiny_corpus
 from stages.prepare import prepare
 from stages.tokenize import tokenize
 
@@ -31,13 +31,9 @@ RESUME_PARAMS = {"max_steps": 30, "micro_batch_size": 8, "grad_accum_steps": 4, 
 def workspace(path: Path, monkeypatch, **train) -> Path:
     """A directory with params.yaml and the prepare and tokenize outputs, ready for `python -m stages.train`."""
     path.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY_PARAMS.items():
-        params[section] = {**params[section], **values}
-    params["train"].update(train)
-    params["tokenizer"] = {"kind": "char"}
-    params["data"]["sha256"] = write_tiny_corpus(path)
-    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(ROOT / "params.yaml", path / "params.yaml")
+    set_params(path, **TINY_PARAMS)
+    set_params(path, train=train, tokenizer={"kind": "char"}, data={"sha256": write_tiny_corpus(path)})
     monkeypatch.chdir(path)
     for command in (prepare, tokenize):
         result = CliRunner().invoke(command, [])
@@ -77,7 +73,7 @@ def finish(path: Path) -> str:
 
 
 def results(path: Path) -> tuple[dict, dict[str, torch.Tensor], list[dict]]:
-    metrics = json.loads((path / "reports" / "train_metrics.json").read_text())
+    metrics = json.loads((path / "reports" / "train_summary.json").read_text())
     metrics.pop("tokens_per_s")
     with open(path / "reports" / "train_log.csv", newline="") as f:
         rows = [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in csv.DictReader(f)]
@@ -114,12 +110,16 @@ def test_kill_9_at_three_points_then_resume_gives_the_uninterrupted_result(tmp_p
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(tmp_path, monkeypatch, uninterrupted):
+@pytest.mark.parametrize("sig, exit_code, name", [(signal.SIGTERM, 143, "SIGTERM"),
+                                                  (signal.SIGINT, 130, "Ctrl-C, SIGINT")])
+def test_a_signal_saves_a_checkpoint_and_exits_with_its_code_then_resumes(tmp_path, monkeypatch, uninterrupted, sig,
+                                                                          exit_code, name):
     path = workspace(tmp_path, monkeypatch, **RESUME_PARAMS)
-    stopped = kill_after(path, 6, signal.SIGTERM)
+    stopped = kill_after(path, 6, sig)
     output = stopped.stdout.read()
-    assert stopped.returncode == 143, output
-    assert "SIGTERM received: stopped at step" in output and "Traceback" not in output
+    assert stopped.returncode == exit_code, output
+    assert f"Interrupted ({name}): stopped at step" in output
+    assert "Traceback" not in output and "Error:" not in output  # a requested stop is no error
     stopped_at = int(output.split("stopped at step ")[1].split(",")[0])
     assert newest_step(path) == stopped_at
     finish(path)

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from deepseek.checkpoint import load_model
+from deepseek.params import load_yaml
 from deepseek.tracking import EXPERIMENT, flatten
 from pipeline_utils import make_pipeline_repo, run
 
@@ -62,13 +63,18 @@ def test_all_five_runs_land_in_one_store(tracked_repo):
     assert sorted(float(r.data.params["train.lr"]) for r in runs) == [0.001, 0.0015, 0.002, 0.0025, 0.003]
     names = {r.info.run_name for r in runs}
     assert {"lr-2e-3", "queued-0.001", "queued-0.0015", "queued-0.0025"} <= names
-    base = yaml.safe_load((tracked_repo / "params.yaml").read_text())
+    base = load_yaml((tracked_repo / "params.yaml").read_text())
     for r in runs:
         assert r.info.status == "FINISHED"
         assert set(flatten(base)) <= set(r.data.params)  # every param, flattened
         assert len(client.get_metric_history(r.info.run_id, "loss")) == 3  # max_steps 6, log_interval 2
-        assert len(client.get_metric_history(r.info.run_id, "val_loss")) == 2
-        assert "val.bits_per_character" in r.data.metrics and "data.characters" in r.data.metrics
+        assert len(client.get_metric_history(r.info.run_id, "val_loss_sampled")) == 2
+        assert "val.bits_per_character" in r.data.metrics
+        assert int(r.data.params["model.num_layers"]) == 2  # the tiny preset's value, resolved from null
+        # Facts of the corpus are the run's dataset, not params or metrics that would crowd every comparison.
+        assert not any(key.startswith("data.") for key in r.data.metrics)
+        (dataset,) = [d.dataset for d in r.inputs.dataset_inputs]
+        assert dataset.name == "shakespeare" and json.loads(dataset.profile)["characters"] > 0
         assert {"git_commit", "git_dirty", "data_sha256", "dvc_exp_name", "dvc_baseline_rev"} <= set(r.data.tags)
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"checkpoint", "checkpoints", "samples", "figures", "tokenizer", "params.yaml", "dvc.lock"} <= artifacts

@@ -57,7 +57,7 @@ def test_pipeline_logs_params_metrics_and_artifacts_to_a_tracking_server(tmp_pat
     history = server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
     assert sorted(m["step"] for m in history) == [2, 4, 6]  # log_interval 2, max_steps 6
     assert all(m["value"] > 0 for m in history)
-    val_history = server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="val_loss")["metrics"]
+    val_history = server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="val_loss_sampled")["metrics"]
     assert sorted(m["step"] for m in val_history) == [3, 6]
 
     def listed(path: str = "") -> dict[str, dict]:
