@@ -38,11 +38,21 @@ def loss_curves(train_rows: list[dict[str, float]], val_rows: list[dict[str, flo
 
 
 def expert_load(fractions: np.ndarray, path: Path) -> Path:
-    """Heatmap of each MoE layer's share of routed tokens per expert; uniform is 1/num_experts."""
+    """Each MoE layer's share of routed tokens per expert, in percent, as a heatmap centred on the uniform share.
+
+    Red is above uniform, blue below, on a symmetric scale, so a balanced model looks pale rather than having
+    its smallest differences stretched over the whole colour map; each cell is labelled with its percentage.
+    """
     layers, experts = fractions.shape
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * experts, 1 + 0.4 * layers))
-    image = ax.imshow(fractions, cmap="viridis", aspect="auto")
-    ax.set(xlabel="expert", ylabel="MoE layer", title=f"Expert load (uniform = {1 / experts:.3f})",
+    percent, uniform = 100 * fractions, 100 / experts
+    spread = max(float(np.abs(percent - uniform).max()), 0.05 * uniform)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.6 * experts), 1.5 + 0.45 * layers))
+    image = ax.imshow(percent, cmap="RdBu_r", vmin=uniform - spread, vmax=uniform + spread, aspect="auto")
+    for (layer, expert), share in np.ndenumerate(percent):
+        dark = abs(share - uniform) > 0.6 * spread
+        ax.text(expert, layer, f"{share:.1f}", ha="center", va="center", fontsize=8,
+                color="white" if dark else "black")
+    ax.set(xlabel="expert", ylabel="MoE layer", title=f"Expert load (uniform = {uniform:.1f}%)",
            xticks=range(experts), yticks=range(layers))
-    fig.colorbar(image, ax=ax, label="share of routed tokens")
+    fig.colorbar(image, ax=ax, label="% of routed tokens")
     return _save(fig, path)

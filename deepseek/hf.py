@@ -43,8 +43,8 @@ _TOP_RENAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "mod
                 "head.weight": "lm_head.weight"}
 
 
-def to_hf_config(config: ModelConfig):
-    """The transformers DeepseekV3Config describing the same network."""
+def to_hf_config(config: ModelConfig, eos_token_id: int | None = None):
+    """The transformers DeepseekV3Config describing the same network (and the tokenizer's end-of-text id)."""
     from transformers import DeepseekV3Config
 
     if config.score_func != "sigmoid":
@@ -61,7 +61,7 @@ def to_hf_config(config: ModelConfig):
         first_k_dense_replace=config.first_k_dense_layers, intermediate_size=config.intermediate_size,
         routed_scaling_factor=config.routed_scaling_factor, n_group=config.n_group, topk_group=config.topk_group,
         norm_topk_prob=True, tie_word_embeddings=config.tie_embeddings, initializer_range=config.init_std,
-        num_mtp_layers=0, architectures=["DeepseekV3ForCausalLM"], bos_token_id=None, eos_token_id=None,
+        num_mtp_layers=0, architectures=["DeepseekV3ForCausalLM"], bos_token_id=None, eos_token_id=eos_token_id,
     )
 
 
@@ -156,10 +156,16 @@ def _deinterleave_rope_rows(weights: dict[str, torch.Tensor], prefix: str, confi
 def export_hf(model: DeepSeekLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-    Tokenizer files from tokenizer_dir, if given, are copied beside the weights. The directory appears
-    whole or not at all.
+    Tokenizer files from tokenizer_dir, if given, are copied beside the weights, and its end-of-text token
+    becomes the config's eos_token_id, so that transformers' generate stops where ours does. The directory
+    appears whole or not at all.
     """
-    config = to_hf_config(model.config)  # refuses what transformers cannot represent, before writing anything
+    eos_token_id = None
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        eos_token_id = AutoTokenizer.from_pretrained(tokenizer_dir).eos_token_id
+    config = to_hf_config(model.config, eos_token_id)  # refuses what transformers cannot hold, before any write
     with replacing_dir(out_dir, marker="config.json") as tmp:
         config.save_pretrained(tmp)
         save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})

@@ -1,8 +1,11 @@
 """The MLflow pyfunc model, logged as code (MLflow's "models from code"), so loading it unpickles nothing.
 
-`mlflow.pyfunc.load_model(uri).predict(token_ids)` returns next-token logits, [batch][seq][vocab].
+`mlflow.pyfunc.load_model(uri).predict(token_ids)` returns next-token logits, [batch][seq][vocab]; token_ids is
+a list of equal-length lists of ints, a 2-D integer NumPy array or a DataFrame (rows = sequences).
 """
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,9 +19,17 @@ class DeepSeekPyfunc(PythonModel):
 
         self.model = load_model(context.artifacts["model"]).eval()
 
-    def predict(self, model_input: list[list[int]], params=None) -> list[list[list[float]]]:
-        """Token ids, one list per sequence (all of one length) -> logits."""
-        ids = torch.as_tensor(np.asarray(model_input), dtype=torch.long)
+    # No type hint on model_input: MLflow validates input against it, and list[list[int]] refuses a NumPy array
+    # while list[Any] reads a DataFrame's first column only. Unhinted, MLflow passes the input through as given.
+    def predict(self, model_input, params: dict[str, Any] | None = None) -> list[list[list[float]]]:  # noqa: ANN001
+        """Token ids, one row per sequence, all of one length -> logits, [batch][seq][vocab] nested lists.
+
+        model_input: a list of lists of ints, a 2-D integer NumPy array, or a pandas DataFrame whose rows are
+        sequences and whose columns are positions.
+        """
+        ids = torch.from_numpy(np.array(model_input, dtype=np.int64))  # a copy: inputs may be read-only
+        if ids.dim() != 2:
+            raise ValueError(f"expected token ids of shape [batch, seq], got shape {list(ids.shape)}")
         with torch.no_grad():
             return self.model(ids).logits.tolist()
 

@@ -98,8 +98,7 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class SampleParams:
     prompts: list[str] = dataclasses.field(default_factory=lambda: [
-        "The future of AI is", "Once upon a time", "In a galaxy far away", "The secret to happiness is",
-        "Python is a programming language that"])
+        "ROMEO:", "JULIET:", "KING RICHARD III:", "First Citizen:", "Now is the winter of our discontent"])
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int = 50  # 0 = no top-k cut

@@ -71,9 +71,11 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
     else:
         # The model section as it resolved (its nulls are the preset's values), so runs compare by what they trained.
         logged = params.values | {"model": {"preset": params.model.preset, **config.to_dict()}}
-        run = tracking.Run.start(params=logged, tags=_run_tags(stats))
+        # Parameter counts are facts of the model, tags rather than metrics: MLflow's comparison plots the first
+        # metric a run logged, which is then the training loss.
+        tags = _run_tags(stats) | {f"model.parameters.{k}": str(v) for k, v in counts.items()}
+        run = tracking.Run.start(params=logged, tags=tags)
         run.log_dataset(stats, source=_corpus_uri(params.data))
-        run.log_metrics({f"model.parameters.{k}": v for k, v in counts.items()})
         run.log_artifact(params_path)
         run.log_artifact(tokenizer_dir, "tokenizer")
     if distributed.is_main():

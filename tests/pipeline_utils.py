@@ -14,8 +14,9 @@ import yaml
 from deepseek.params import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# CI clones the repository with shared/ beside it, so look next to the checkout rather than at a fixed path.
-REAL_CORPUS = ROOT.parent / "shared" / "data" / "input-1.txt"
+# The real corpus: where the README puts it (data/input-1.txt), else in shared/ beside the checkout, as CI has it.
+CORPUS_PLACES = (ROOT / "data" / "input-1.txt", ROOT.parent / "shared" / "data" / "input-1.txt")
+REAL_CORPUS = next((path for path in CORPUS_PLACES if path.is_file()), CORPUS_PLACES[0])
 STAGES = ("prepare", "tokenize", "train", "evaluate", "sample")
 
 TINY_PARAMS = {

@@ -1,11 +1,17 @@
 """Our DeepSeekLM against transformers' DeepseekV3ForCausalLM, an implementation we did not write."""
+import json
+
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
 from conftest import randomized
 from deepseek import DeepSeekLM, ModelConfig
 from deepseek.hf import export_hf, import_hf
+from deepseek.params import TokenizerParams
+from deepseek.tokenizer import build_tokenizer
+from pipeline_utils import tiny_corpus
 
 CONFIGS = {
     "q_lora+first_dense": dict(q_lora_rank=16, first_k_dense_layers=1, num_layers=3),
@@ -63,8 +69,12 @@ def test_export_refuses_softmax_routing(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-def test_export_copies_tokenizer_files(tmp_path):
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
-    out = export_hf(DeepSeekLM(ModelConfig.from_preset("tiny")), tmp_path / "hf", tokenizer_dir=tmp_path / "tok")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+def test_export_copies_the_tokenizer_and_its_end_of_text_id(tmp_path):
+    tokenizer = build_tokenizer(TokenizerParams(kind="bpe", vocab_size=300), tiny_corpus())
+    tokenizer.save_pretrained(tmp_path / "tok")
+    model = DeepSeekLM(ModelConfig.from_preset("tiny", vocab_size=len(tokenizer)))
+    out = export_hf(model, tmp_path / "hf", tokenizer_dir=tmp_path / "tok")
+    assert {p.name for p in (tmp_path / "tok").iterdir()} < {p.name for p in out.iterdir()}
+    assert tokenizer.eos_token_id is not None
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token_id == tokenizer.eos_token_id

@@ -27,8 +27,8 @@ TIMEOUT_MS = 60_000  # for any one element to show up; two busy cores render the
 
 
 def browser_tools():
-    """Playwright's sync API and the Chromium executable, or a failure that says how to install them."""
-    chromium = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    """Playwright's sync API and a Chromium-based browser, or a failure that says how to install them."""
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
     try:
         sync_api = importlib.import_module("playwright.sync_api")
     except ImportError:
@@ -52,11 +52,14 @@ def create_runs(store_dir: Path, monkeypatch) -> None:
     try:
         for name, (lr, losses, bits) in RUNS.items():
             monkeypatch.setenv("DVC_EXP_NAME", name)
+            # What the train stage logs, in its order: params, tags, the dataset, then metrics step by step.
             run = Run.start(params={"model": {"preset": "tiny"}, "train": {"lr": lr, "max_steps": len(losses)}},
-                            tags={"dvc_exp_name": name})
+                            tags={"dvc_exp_name": name, "model.parameters.total": "23968"})
             assert run.active, "tracking into a SQLite store failed"
+            run.log_dataset({"source": "shakespeare", "sha256": "94d71b2e6a4c", "characters": 30_000},
+                            source="data/input-1.txt")
             for step, loss in enumerate(losses, 1):
-                run.log_metrics({"loss": loss}, step=step)
+                run.log_metrics({"loss": loss, "accuracy": 0.1 * step}, step=step)
             run.log_metrics({"val.bits_per_character": bits}, step=len(losses))
             run.finish()
     finally:
@@ -90,13 +93,15 @@ def test_mlflow_ui_compares_two_runs(tmp_path, monkeypatch):
             expect = sync_api.expect
             expect.set_options(timeout=TIMEOUT_MS)
 
-            # Home -> "Model training" -> the experiment: its runs table lists both runs.
+            # Home -> "Model training" -> the experiment (docs/tracking.md): the runs table lists both runs and
+            # the dataset each trained on.
             page.goto(f"{server.url}/")
             page.get_by_text("Model training", exact=True).click()
             page.get_by_role("link", name="deepseek-repro", exact=True).first.click()
             for name in RUNS:
                 expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
             expect(page.get_by_text(f"{len(RUNS)} matching runs")).to_be_visible()
+            expect(page.get_by_text("shakespeare (94d71b2e6a4c)").first).to_be_visible()
 
             # Tick both rows and press Compare.
             for name in RUNS:
@@ -119,10 +124,11 @@ def test_mlflow_ui_compares_two_runs(tmp_path, monkeypatch):
             if close_assistant.count():
                 close_assistant.first.click()
             page.set_viewport_size({"width": 1400, "height": 1700})
-            try:  # the parallel-coordinates plot loads plotly lazily; a screenshot without it still shows the runs
-                page.locator(".js-plotly-plot .main-svg").first.wait_for(state="visible", timeout=30_000)
-            except sync_api.TimeoutError:
-                pass
+            # The parallel-coordinates plot starts with the params that differ and the first metric the runs
+            # logged: the training loss, not a constant fact of the data or the model.
+            axes = page.locator(".js-plotly-plot .parcoords .axis-title")
+            expect(axes.first).to_be_visible()
+            assert axes.evaluate_all("titles => titles.map(t => t.textContent)") == ["train.lr", "loss"]
             lr_row.scroll_into_view_if_needed()
             expect(lr_row).to_be_in_viewport()
             page.screenshot(path=str(screenshot))

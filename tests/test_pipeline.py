@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from deepseek.params import load_params
 from pipeline_utils import STAGES, make_pipeline_repo, run, set_params, stages_run
 
 
@@ -20,11 +22,14 @@ def test_pipeline_end_to_end(repo):
     assert "up to date" in run(["dvc", "status"], repo).stdout
 
     # 4. Default results: bits per character, and samples for the five prompts.
-    metrics = json.loads((repo / "reports" / "metrics.json").read_text())["val"]
-    assert 0 < metrics["bits_per_character"] < 8
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    # Only the headline goes to DVC's metrics, so that `dvc exp show` stays readable; corpus facts are not metrics.
+    assert list(metrics) == ["val"]
+    assert set(metrics["val"]) == {"bits_per_character", "loss", "perplexity", "accuracy", "max_vio"}
+    assert 0 < metrics["val"]["bits_per_character"] < 8
+    assert "metrics" not in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["prepare"]
     samples = json.loads((repo / "reports" / "samples.json").read_text())["samples"]
-    assert [s["prompt"] for s in samples] == ["The future of AI is", "Once upon a time", "In a galaxy far away",
-                                              "The secret to happiness is", "Python is a programming language that"]
+    assert [s["prompt"] for s in samples] == load_params(repo / "params.yaml").sample.prompts
     assert all(s["text"].startswith(s["prompt"]) and len(s["text"]) > len(s["prompt"]) for s in samples)
     assert (repo / "reports" / "figures" / "loss.png").stat().st_size > 0
 
@@ -37,15 +42,7 @@ def test_pipeline_end_to_end(repo):
     assert stages_run(run(["dvc", "repro"], repo).stdout) == {"train", "evaluate", "sample"}
     run(["git", "checkout", "-q", "params.yaml", "dvc.lock", "reports"], repo)
     run(["dvc", "checkout", "-q"], repo)
-
-    # 2. Experiments: a new experiment with its params and metrics; diffs against the baseline work.
-    run(["dvc", "exp", "run", "-S", "train.lr=1e-3"], repo)
-    shown = run(["dvc", "exp", "show", "--json"], repo).stdout
-    assert "0.001" in shown and "bits_per_character" in shown
-    diff = run(["dvc", "metrics", "diff", "--md"], repo)
-    assert "bits_per_character" in diff.stdout
-    run(["dvc", "plots", "diff", "-o", str(repo / "plots_out")], repo)
-    assert (repo / "plots_out" / "index.html").exists()
+    # 2. Experiments, `dvc exp show`, metrics and plots diffs: every command the docs show runs in test_docs.py.
 
 
 @pytest.mark.slow

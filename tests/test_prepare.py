@@ -56,7 +56,7 @@ def served(tmp_path):
 @pytest.fixture
 def real_text() -> str:
     if not REAL_CORPUS.exists():
-        pytest.skip(f"real corpus not found at {REAL_CORPUS}")
+        pytest.skip("the tiny Shakespeare corpus is in neither data/ nor ../shared/data/")
     return REAL_CORPUS.read_text(encoding="utf-8")
 
 

@@ -237,7 +237,7 @@ def test_cli_tokenizes_and_summarises(tmp_path):
     assert "tokenizer.kind" in CliRunner().invoke(tokenize, ["--help"]).output
 
 
-@pytest.mark.skipif(not REAL_CORPUS.is_file(), reason="the tiny Shakespeare corpus is not beside the repository")
+@pytest.mark.skipif(not REAL_CORPUS.is_file(), reason="the tiny Shakespeare corpus is in neither data/ nor ../shared/data/")
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_real_corpus_round_trips(kind):
     text = REAL_CORPUS.read_bytes().decode("utf-8")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -72,7 +73,8 @@ def test_all_five_runs_land_in_one_store(tracked_repo):
         assert "val.bits_per_character" in r.data.metrics
         assert int(r.data.params["model.num_layers"]) == 2  # the tiny preset's value, resolved from null
         # Facts of the corpus are the run's dataset, not params or metrics that would crowd every comparison.
-        assert not any(key.startswith("data.") for key in r.data.metrics)
+        assert not any(key.startswith(("data.", "model.parameters.")) for key in r.data.metrics)
+        assert int(r.data.tags["model.parameters.total"]) > 0
         (dataset,) = [d.dataset for d in r.inputs.dataset_inputs]
         assert dataset.name == "shakespeare" and json.loads(dataset.profile)["characters"] > 0
         assert {"git_commit", "git_dirty", "data_sha256", "dvc_exp_name", "dvc_baseline_rev"} <= set(r.data.tags)
@@ -110,4 +112,6 @@ def test_registered_model_loads_back_to_the_same_logits(tracked_repo, tmp_path):
     ids = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]
     checkpoint = load_model(client.download_artifacts(version.run_id, "checkpoint", str(tmp_path)))
     expected = checkpoint(torch.tensor(ids)).logits.detach().numpy()
-    np.testing.assert_allclose(np.array(pyfunc.predict(ids)), expected, rtol=0, atol=1e-6)
+    # Every documented input format: lists, a NumPy array of any integer type, a DataFrame with a row per sequence.
+    for model_input in (ids, np.array(ids), np.array(ids, dtype=np.int32), pd.DataFrame(ids)):
+        np.testing.assert_allclose(np.array(pyfunc.predict(model_input)), expected, rtol=0, atol=1e-6)

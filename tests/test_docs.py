@@ -1,0 +1,245 @@
+"""The documentation works as written: every shell command and Python snippet in the README, docs/ and
+benchmarks/README.md runs here, in a tiny copy of the project, so a documented command cannot break silently.
+
+Two commands are run by CI itself rather than here: the README's install command and its test command,
+which must appear verbatim in .ci/run. Commands that train run with tiny settings: the tiny repository's
+params, plus the adjustments in TINY below, each named with its reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepseek import DeepSeekLM, ModelConfig
+from pipeline_utils import ROOT, free_port, make_pipeline_repo, pipeline_env, tiny_corpus
+from pipeline_utils import run as git_run
+
+README = ROOT / "README.md"
+# In the order a reader meets them: the README first; the benchmarks last, since they only read.
+DOC_FILES = [README, *(ROOT / "docs" / name for name in ("pipeline.md", "tracking.md", "ci.md", "model.md",
+                                                         "operations.md", "benchmarks.md")),
+             ROOT / "benchmarks" / "README.md"]
+SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
+BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes; the tiny preset, seconds
+    "train_throughput": "--preset tiny --batch-size 2 --seq-len 16 --steps 1 --warmup 0",
+    "generation": "--preset tiny --contexts 8,32 --new-tokens 4 --no-cache-max-context 8 --repeats 1",
+    "memory": "--preset tiny --batch-size 2 --seq-len 16 --context 16 --new-tokens 4",
+}
+
+
+@dataclasses.dataclass
+class Command:
+    doc: Path
+    text: str  # as written, comments included
+
+    @property
+    def code(self) -> str:
+        """The command without its trailing comment."""
+        return re.sub(r"\s+#\s.*$", "", self.text).strip()
+
+
+def fenced_blocks(path: Path) -> list[tuple[str, str]]:
+    """(language, body) of each fenced code block of a Markdown file."""
+    return re.findall(r"^```(\w*)\n(.*?)^```", path.read_text(), flags=re.MULTILINE | re.DOTALL)
+
+
+def shell_commands(path: Path) -> list[Command]:
+    commands = []
+    for language, body in fenced_blocks(path):
+        if language in SHELL_LANGUAGES:
+            for line in body.replace("\\\n", " ").splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    commands.append(Command(path, line.strip()))
+    return commands
+
+
+def python_snippets(path: Path) -> list[str]:
+    return [body for language, body in fenced_blocks(path) if language == "python"]
+
+
+def quickstart() -> tuple[str, str]:
+    """The README's install and test commands: the lines its quickstart marks # install and # the tests."""
+    lines = [command.text for command in shell_commands(README)]
+    install = next(line for line in lines if line.endswith("# install"))
+    test = next(line for line in lines if "# the tests" in line)
+    return install, test
+
+
+RUN_BY_CI = {re.sub(r"\s+#\s.*$", "", line) for line in quickstart()}
+
+
+# --- fast checks ------------------------------------------------------------------------------------------------
+
+def test_ci_runs_the_readme_install_and_test_commands_verbatim():
+    ci_lines = {line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()}
+    for command in RUN_BY_CI:
+        assert command in ci_lines, f".ci/run does not run the README's command verbatim: {command}"
+    assert shutil.which("deepseek"), "the install puts the deepseek command on PATH"
+
+
+def test_shell_snippets_are_fenced_as_bash():
+    """The runner below finds shell commands by their fence; another language tag would hide them from it."""
+    for path in DOC_FILES:
+        languages = {language for language, _ in fenced_blocks(path)}
+        assert languages <= {"bash", "python", "text"}, f"{path.name}: fence languages {languages}"
+
+
+def test_readme_stays_a_front_door():
+    assert len(README.read_text().splitlines()) <= 150
+
+
+def test_every_test_named_in_the_bad_input_table_exists():
+    table = (ROOT / "docs" / "operations.md").read_text()
+    named = set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", table))
+    assert len(named) >= 15
+    for module, test in named:
+        assert re.search(rf"^def {test}\(", (ROOT / "tests" / module).read_text(), re.MULTILINE), f"{module}::{test}"
+
+
+def test_preset_table_gives_the_counts_of_the_model_built():
+    """docs/model.md's parameter counts, per preset and vocabulary, equal DeepSeekLM.parameter_counts()."""
+    rows = re.findall(r"^\| `(\w+)`[^|]*\| ([\d,]+)[^|]*\|(.*)\|$", (ROOT / "docs" / "model.md").read_text(),
+                      re.MULTILINE)
+    assert [preset for preset, _, _ in rows] == ["tiny", "cpu", "seed"]
+    for preset, vocab, cells in rows:
+        with torch.device("meta"):
+            model = DeepSeekLM(ModelConfig.from_preset(preset, vocab_size=int(vocab.replace(",", ""))))
+        counts = model.parameter_counts()
+        written = [cell.strip().strip("*") for cell in cells.split("|")]
+        keys = ("total", "active", "total_non_embedding", "active_non_embedding")
+        for cell, key in zip(written, keys, strict=True):
+            number, unit = re.fullmatch(r"([\d.]+)([KM])", cell).groups()
+            decimals = len(number.partition(".")[2])
+            assert f"{counts[key] / {'K': 1e3, 'M': 1e6}[unit]:.{decimals}f}" == number, (preset, key, cell)
+
+
+# --- running them -----------------------------------------------------------------------------------------------
+
+class DocRunner:
+    """Runs documented commands in a tiny pipeline repository, as a reader would, one after another."""
+
+    def __init__(self, repo: Path, home: Path, tokenizer_dir: Path) -> None:
+        self.repo, self.tokenizer_dir = repo, tokenizer_dir
+        # HOME is a scratch folder: a documented `git config --global` must not touch the real one.
+        self.env = {**pipeline_env(), "HOME": str(home), "COLUMNS": "120", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+    def tiny(self, code: str) -> str:
+        """The command with the tiny settings that keep it to seconds."""
+        if code.startswith("dvc exp run -n seed"):
+            # The original configuration: the hub's tokenizer is a local stand-in; one narrow layer of the preset.
+            code = code.replace("train.max_steps=2500", "train.max_steps=2")
+            code += f" -S tokenizer.pretrained={self.tokenizer_dir} -S model.num_layers=1 -S model.hidden_size=64"
+        if match := re.match(r"python -m benchmarks\.(\w+)", code):
+            code += f" {BENCHMARK_TINY_ARGS[match.group(1)]} --device cpu --threads 1"
+        return code
+
+    def run(self, command: Command) -> None:
+        code = self.tiny(command.code)
+        if code.startswith(("mlflow ui", "mlflow server")):
+            self.serve(code)
+            return
+        result = subprocess.run(["bash", "-c", code], cwd=self.repo, env=self.env, capture_output=True, text=True,
+                                timeout=900)
+        output = result.stdout + result.stderr
+        if "see it fail" in command.text:
+            assert result.returncode != 0, f"{command.doc.name}: expected to fail: {code}\n{output}"
+            assert "Traceback" not in output
+        else:
+            assert result.returncode == 0, f"{command.doc.name}: {code}\n{output[-4000:]}"
+        if code.startswith("dvc queue start"):
+            self.wait_for_queue()
+        if code.startswith("dvc exp show"):
+            check_exp_show(result.stdout)
+
+    def serve(self, code: str) -> None:
+        """A server command runs until it answers on its port, then stops."""
+        port = free_port()
+        code = re.sub(r"--port \d+", f"--port {port}", code)
+        server = subprocess.Popen(["bash", "-c", f"exec {code}"], cwd=self.repo, env=self.env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None, f"{code} exited with {server.returncode}"
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                        assert response.status == 200
+                        return
+                except OSError:
+                    assert time.monotonic() < deadline, f"{code} did not answer in 120 s"
+                    time.sleep(1)
+        finally:
+            subprocess.run(["pkill", "-TERM", "-s", str(server.pid)], check=False)
+            server.wait(timeout=30)
+
+    def wait_for_queue(self) -> None:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = subprocess.run(["dvc", "queue", "status"], cwd=self.repo, env=self.env, capture_output=True,
+                                    text=True).stdout
+            if not re.search(r"\b(Queued|Running)\b", status):
+                assert "Failed" not in status, status
+                return
+            time.sleep(3)
+        raise AssertionError("the queue did not finish in 15 minutes")
+
+    def run_python(self, path: Path) -> None:
+        """A page's Python snippets, in order, in one interpreter, as a reader pasting them would."""
+        code = "\n".join(python_snippets(path))
+        result = subprocess.run([sys.executable, "-c", code], cwd=self.repo, env=self.env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, f"{path.name}'s Python:\n{result.stderr[-4000:]}"
+
+
+def check_exp_show(output: str) -> None:
+    """The documented `dvc exp show` fits 120 columns, hides no column, and shows bits per character."""
+    lines = output.splitlines()
+    assert lines and max(len(line) for line in lines) <= 120, output
+    assert "…" not in lines[1], f"columns left out:\n{output}"
+    assert "val.bits_per_character" in lines[1] and "val.max_vio" in lines[1], output
+
+
+@pytest.mark.slow
+def test_every_documented_command_runs(tmp_path):
+    from deepseek.params import TokenizerParams
+    from deepseek.tokenizer import build_tokenizer
+
+    # The project as a reader clones it: the pipeline run and committed (dvc.lock, reports), on tiny params.
+    origin = make_pipeline_repo(tmp_path / "origin")
+    # The regression gate's profile: a few seconds of the tiny model, not two minutes of the cpu one.
+    (origin / ".ci" / "profile.yaml").write_text("seed: 7\nmlflow:\n  register_model: false\n")
+    git_run(["dvc", "repro"], origin)
+    git_run(["git", "add", "-A"], origin)
+    git_run(["git", "commit", "-qm", "the default run"], origin)
+    repo = tmp_path / "clone"
+    git_run(["git", "clone", "-q", str(origin), str(repo)], tmp_path)
+    shutil.copy(origin / "data" / "input-1.txt", repo / "data" / "input-1.txt")  # offline: the README's advice
+    standin = tmp_path / "pretrained-tokenizer"  # for the hub tokenizer of the original configuration
+    build_tokenizer(TokenizerParams(kind="bpe", vocab_size=300), tiny_corpus()).save_pretrained(standin)
+    (tmp_path / "home").mkdir()
+    runner = DocRunner(repo, tmp_path / "home", standin)
+    ran = 0
+    for path in DOC_FILES:
+        for command in shell_commands(path):
+            if command.code not in RUN_BY_CI:
+                runner.run(command)
+                ran += 1
+        if python_snippets(path):
+            runner.run_python(path)
+    assert ran >= 20
+
+
+def test_the_runner_sees_every_command_of_the_readme():
+    codes = [command.code for command in shell_commands(README)]
+    assert "dvc repro" in codes and any(code.startswith("dvc exp run --queue") for code in codes)
+    assert all(shlex.split(code) for code in codes)  # each parses as a shell command
