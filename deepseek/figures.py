@@ -31,7 +31,7 @@ def loss_curves(train_rows: list[dict[str, float]], val_rows: list[dict[str, flo
     last_step = max((r["step"] for r in train_rows + val_rows), default=0)
     ax.plot([last_step], [final_val_loss], "*", markersize=12, label="validation, whole split (evaluate)")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="Loss")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)

@@ -189,7 +189,7 @@ _Yaml12Loader.add_implicit_resolver(
 
 def load_yaml(text: str) -> Any:
     """YAML as DVC writes it (1.2 numbers): the one way this project reads params files."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_Yaml12Loader)  # safe: a SafeLoader subclass
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -221,7 +221,7 @@ def _parse_model(values: Any) -> ModelParams:
                         "(for bpe, set tokenizer.vocab_size)")
     values.pop("vocab_size", None)
     preset = values.pop("preset", "cpu")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise UserError(f"params model.preset = {preset!r} must be one of {', '.join(map(repr, PRESETS))}")
     fields = _typed_fields("model", values, ModelConfig)
     return ModelParams(preset, {key: value for key, value in fields.items() if value is not None})

@@ -31,14 +31,17 @@ def wait_for_queue(repo: Path, timeout_s: float = 900) -> str:
 
 @pytest.fixture(scope="module")
 def tracked_repo(tmp_path_factory) -> Path:
-    """dvc repro, one dvc exp run, and three queued experiments run two at a time."""
+    """dvc repro, one dvc exp run, and three queued experiments run two at a time, as the README shows them:
+    exponent learning rates, and a model field set with -S from the committed params."""
     repo = make_pipeline_repo(tmp_path_factory.mktemp("tracked"))
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline results"], repo)
-    run(["dvc", "exp", "run", "-n", "lr-2e-3", "-S", "train.lr=0.002"], repo)
-    for lr in ("0.001", "0.0015", "0.0025"):
+    run(["dvc", "exp", "run", "-n", "lr-3e-5", "-S", "train.lr=3e-5", "-S", "train.min_lr=3e-6"], repo)
+    run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo)  # queue from the committed params
+    for lr in ("0.001", "0.0015"):
         run(["dvc", "exp", "run", "--queue", "-n", f"queued-{lr}", "-S", f"train.lr={lr}"], repo)
+    run(["dvc", "exp", "run", "--queue", "-n", "layers-3", "-S", "model.num_layers=3"], repo)
     run(["dvc", "queue", "start", "-j", "2"], repo)
     status = wait_for_queue(repo)
     assert status.count("Success") == 3, status
@@ -61,9 +64,13 @@ def test_all_five_runs_land_in_one_store(tracked_repo):
     assert experiment.artifact_location == (tracked_repo / "mlartifacts").as_uri()
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 5
-    assert sorted(float(r.data.params["train.lr"]) for r in runs) == [0.001, 0.0015, 0.002, 0.0025, 0.003]
-    names = {r.info.run_name for r in runs}
-    assert {"lr-2e-3", "queued-0.001", "queued-0.0015", "queued-0.0025"} <= names
+    params = {r.info.run_name: r.data.params for r in runs}
+    assert {"lr-3e-5", "queued-0.001", "queued-0.0015", "layers-3"} <= set(params)
+    assert sorted(float(p["train.lr"]) for p in params.values()) == [3e-5, 0.001, 0.0015, 0.003, 0.003]
+    assert float(params["lr-3e-5"]["train.min_lr"]) == 3e-6
+    # The model fields as built: the tiny preset's 2 layers, but 3 where -S model.num_layers=3 set them.
+    assert {name: int(p["model.num_layers"]) for name, p in params.items()} == {
+        name: 3 if name == "layers-3" else 2 for name in params}
     base = load_yaml((tracked_repo / "params.yaml").read_text())
     for r in runs:
         assert r.info.status == "FINISHED"
@@ -71,7 +78,6 @@ def test_all_five_runs_land_in_one_store(tracked_repo):
         assert len(client.get_metric_history(r.info.run_id, "loss")) == 3  # max_steps 6, log_interval 2
         assert len(client.get_metric_history(r.info.run_id, "val_loss_sampled")) == 2
         assert "val.bits_per_character" in r.data.metrics
-        assert int(r.data.params["model.num_layers"]) == 2  # the tiny preset's value, resolved from null
         # Facts of the corpus are the run's dataset, not params or metrics that would crowd every comparison.
         assert not any(key.startswith(("data.", "model.parameters.")) for key in r.data.metrics)
         assert int(r.data.tags["model.parameters.total"]) > 0
