@@ -198,7 +198,7 @@ def run_profile(workdir: Path, params: dict[str, Any], baseline: dict[str, Any] 
     click.echo("running the pipeline on the CI profile ...")
     _run(["dvc", "repro", "tokenize"], workdir)
     _run(["dvc", "repro", "--no-run-cache"], workdir)  # always train: a cached result would test nothing
-    diff = _run(["dvc", "metrics", "diff", "--md"], workdir, check=False)
+    diff = _run(["dvc", "metrics", "diff", "--md", "--all"], workdir, check=False)
     return {"reports": {"metrics.json": json.loads((workdir / METRICS).read_text())},
             "vocab_size": json.loads((workdir / "data" / "tokens" / "meta.json").read_text())["vocab_size"],
             "metrics_diff": diff.stdout if diff.returncode == 0 else f"(dvc metrics diff failed: {diff.stderr})"}
