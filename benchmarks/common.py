@@ -1,4 +1,5 @@
 """What the benchmark scripts share: device and run description, the transformers twin, steps, timing, tables."""
+
 from __future__ import annotations
 
 import os
@@ -17,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek import DeepSeekLM, ModelConfig, files
+from deepseek import files
+from deepseek.config import ModelConfig
 from deepseek.evaluation import autocast
 from deepseek.generate import generate
 from deepseek.hf import export_hf
+from deepseek.model import DeepSeekLM
 from deepseek.trainer import resolve_device
 
 T = TypeVar("T")
@@ -38,14 +41,27 @@ DEFAULT_SHAPES: dict[str, dict[str, tuple[int, int]]] = {
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, matched against the CUDA device name, for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
-device_option = click.option("--device", "device_name", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                             show_default=True, help="auto: cuda when available, else cpu.")
-json_option = click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-                           help="Also write the header and tables as JSON to this file.")
+device_option = click.option(
+    "--device",
+    "device_name",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto: cuda when available, else cpu.",
+)
+json_option = click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the header and tables as JSON to this file.",
+)
 seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Seed for weights and tokens.")
-threads_option = click.option("--threads", type=click.IntRange(min=1),
-                              help="torch CPU threads [default: torch's choice]. On a machine shared with other "
-                                   "work, fewer threads than cores avoids OpenMP threads waiting on each other.")
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="torch CPU threads [default: torch's choice]. On a machine shared with other "
+    "work, fewer threads than cores avoids OpenMP threads waiting on each other.",
+)
 
 
 def pick_device(name: str, threads: int | None) -> torch.device:
@@ -76,9 +92,14 @@ def cpu_model() -> str:
 
 
 def run_header(title: str, device: torch.device, precision: str) -> dict[str, str]:
-    return {"benchmark": title, "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": describe_machine(device), "torch": torch.__version__, "transformers": version("transformers"),
-            "precision": precision}
+    return {
+        "benchmark": title,
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": describe_machine(device),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "precision": precision,
+    }
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
@@ -97,8 +118,9 @@ def batch_shape(preset: str, device: torch.device, batch_size: int | None, seq_l
     batch_size, seq_len = batch_size or default_batch, seq_len or default_seq
     max_seq_len = ModelConfig.from_preset(preset).max_seq_len
     if seq_len > max_seq_len:
-        raise click.BadParameter(f"{seq_len} exceeds the {preset} preset's max_seq_len ({max_seq_len})",
-                                 param_hint="--seq-len")
+        raise click.BadParameter(
+            f"{seq_len} exceeds the {preset} preset's max_seq_len ({max_seq_len})", param_hint="--seq-len"
+        )
     return batch_size, seq_len
 
 
@@ -145,8 +167,9 @@ def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> to
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def make_train_step(model: nn.Module, device: torch.device, dtype: torch.dtype, compile: bool = False
-                    ) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def make_train_step(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, compile: bool = False
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """One optimizer step of fused AdamW (as our trainer's) on one micro-batch: forward, backward, step, zero_grad.
 
     compile: the forward and loss go through torch.compile (compiled on the first steps, the untimed ones).
@@ -165,11 +188,13 @@ def make_train_step(model: nn.Module, device: torch.device, dtype: torch.dtype, 
         optimizer.zero_grad(set_to_none=True)
         if isinstance(model, DeepSeekLM):
             model.update_expert_bias()  # part of our optimizer step: auxiliary-loss-free balancing
+
     return step
 
 
-def token_batches(vocab_size: int, count: int, batch_size: int, seq_len: int, seed: int, device: torch.device
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def token_batches(
+    vocab_size: int, count: int, batch_size: int, seq_len: int, seed: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """count random (inputs, targets) pairs, targets shifted by one, made up front so both models see them."""
     gen = torch.Generator().manual_seed(seed)
     batches = []
@@ -183,8 +208,9 @@ def greedy_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, use
     """prompt + new_tokens greedy tokens: our generate, or transformers' generate with its own cache."""
     if isinstance(model, DeepSeekLM):
         return generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache)
-    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                          do_sample=False, use_cache=use_cache)
+    return model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False, use_cache=use_cache
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -224,14 +250,18 @@ def markdown_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> st
     """A Markdown table of rows (dicts keyed by column); columns holding numbers are right-aligned."""
     cells = [[format_value(row.get(column)) for column in columns] for row in rows]
     widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
-    numeric = [any(isinstance(row.get(column), (int, float)) and not isinstance(row.get(column), bool)
-                   for row in rows) for column in columns]
+    numeric = [
+        any(isinstance(row.get(column), (int, float)) and not isinstance(row.get(column), bool) for row in rows)
+        for column in columns
+    ]
 
     def line(values: Sequence[str]) -> str:
-        return "| " + " | ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)) + " |"
+        padded = (v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))
+        return "| " + " | ".join(padded) + " |"
 
-    rule = "| " + " | ".join("-" * (w - 1) + (":" if num else "-") for w, num in zip(widths, numeric)) + " |"
-    return "\n".join([line(columns), rule] + [line(values) for values in cells])
+    rule_cells = ("-" * (w - 1) + (":" if num else "-") for w, num in zip(widths, numeric, strict=True))
+    rule = "| " + " | ".join(rule_cells) + " |"
+    return "\n".join([line(columns), rule, *(line(values) for values in cells)])
 
 
 def print_header(header: dict[str, str]) -> None:

@@ -16,6 +16,7 @@ dtypes as in generation.py. Each process builds its model from the preset (trans
 config): memory does not depend on the weights' values, except through routing, which moves tokens between
 experts but not their total.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -31,17 +32,42 @@ import click
 import torch
 from torch import nn
 
-from benchmarks.common import (OURS, THEIRS, batch_shape, device_option, dtype_name, greedy_generate, json_option,
-                               make_train_step, pick_device, print_header, print_table, run_header, seed_option,
-                               seeded_model, threads_option, token_batches, write_json)
+from benchmarks.common import (
+    OURS,
+    THEIRS,
+    batch_shape,
+    device_option,
+    dtype_name,
+    greedy_generate,
+    json_option,
+    make_train_step,
+    pick_device,
+    print_header,
+    print_table,
+    run_header,
+    seed_option,
+    seeded_model,
+    threads_option,
+    token_batches,
+    write_json,
+)
 from benchmarks.generation import prompt_length
-from deepseek import PRESETS, ModelConfig
+from deepseek.config import PRESETS, ModelConfig
 from deepseek.hf import to_hf_config
 from deepseek.trainer import resolve_dtype
 
 TRAIN, GENERATE = "training step", "generate"
-COLUMNS = ["case", "shape", "ours at rest MiB", "ours peak MiB", "ours increase MiB", "transformers at rest MiB",
-           "transformers peak MiB", "transformers increase MiB", "increase ours / transformers"]
+COLUMNS = [
+    "case",
+    "shape",
+    "ours at rest MiB",
+    "ours peak MiB",
+    "ours increase MiB",
+    "transformers at rest MiB",
+    "transformers peak MiB",
+    "transformers increase MiB",
+    "increase ours / transformers",
+]
 
 
 @dataclass(frozen=True)
@@ -73,7 +99,8 @@ def measure(case: Case) -> tuple[int, int]:
         model = build_model(case, device, torch.float32)  # fp32 weights; autocast does the rest on CUDA
         step = make_train_step(model, device, dtype)
         (warm_inputs, warm_targets), (inputs, targets) = token_batches(
-            model.config.vocab_size, 2, case.batch_size, case.seq_len, case.seed, device)
+            model.config.vocab_size, 2, case.batch_size, case.seq_len, case.seed, device
+        )
         step(warm_inputs, warm_targets)  # creates AdamW's state, which then counts as at rest
         return peak_memory(lambda: step(inputs, targets), device)
     model = build_model(case, device, dtype).eval()
@@ -120,18 +147,35 @@ def proc_status_bytes(field: str) -> int:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", default="seed", show_default=True, type=click.Choice(list(PRESETS)))
-@click.option("--batch-size", type=click.IntRange(min=1),
-              help="Training sequences per step [default: per preset and device, as in train_throughput].")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Training sequences per step [default: per preset and device, as in train_throughput].",
+)
 @click.option("--seq-len", type=click.IntRange(min=1), help="Training tokens per sequence [default: per preset].")
-@click.option("--context", default=512, show_default=True, type=click.IntRange(min=1),
-              help="Generation prompt length (cut to max_seq_len - new tokens).")
+@click.option(
+    "--context",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Generation prompt length (cut to max_seq_len - new tokens).",
+)
 @click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
 @device_option
 @threads_option
 @seed_option
 @json_option
-def main(preset: str, batch_size: int | None, seq_len: int | None, context: int, new_tokens: int, device_name: str,
-         threads: int | None, seed: int, json_path: Path | None) -> None:
+def main(
+    preset: str,
+    batch_size: int | None,
+    seq_len: int | None,
+    context: int,
+    new_tokens: int,
+    device_name: str,
+    threads: int | None,
+    seed: int,
+    json_path: Path | None,
+) -> None:
     """Peak memory of a training step and of generation: DeepSeekLM against transformers' DeepseekV3."""
     device = pick_device(device_name, threads)  # the parent only describes the machine; cases run in children
     if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
@@ -148,25 +192,39 @@ def main(preset: str, batch_size: int | None, seq_len: int | None, context: int,
         row = {"case": kind, "shape": shape}
         for implementation in (OURS, THEIRS):
             click.echo(f"{kind}: {implementation}", err=True)
-            case = Case(kind, implementation, preset, device_name, threads, seed, batch_size, seq_len, context,
-                        new_tokens)
+            case = Case(
+                kind, implementation, preset, device_name, threads, seed, batch_size, seq_len, context, new_tokens
+            )
             at_rest, peak = (value / 2**20 for value in measure_in_fresh_process(case))
-            row |= {f"{implementation} at rest MiB": at_rest, f"{implementation} peak MiB": peak,
-                    f"{implementation} increase MiB": peak - at_rest}
+            row |= {
+                f"{implementation} at rest MiB": at_rest,
+                f"{implementation} peak MiB": peak,
+                f"{implementation} increase MiB": peak - at_rest,
+            }
         theirs_increase = row["transformers increase MiB"]  # 0 when the allocator had the memory already
         row["increase ours / transformers"] = row["ours increase MiB"] / theirs_increase if theirs_increase else None
         rows.append(row)
 
     dtype = resolve_dtype("auto", device)
-    precision = ("float32" if dtype == torch.float32 else
-                 f"training: {dtype_name(dtype)} autocast, float32 weights; generation: {dtype_name(dtype)} weights")
-    meter = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-             else "process RSS (VmRSS at rest, VmHWM peak after a reset)")
+    precision = (
+        "float32"
+        if dtype == torch.float32
+        else f"training: {dtype_name(dtype)} autocast, float32 weights; generation: {dtype_name(dtype)} weights"
+    )
+    meter = (
+        "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "process RSS (VmRSS at rest, VmHWM peak after a reset)"
+    )
     header = run_header("Memory", device, precision) | {"preset": preset, "measured": meter}
     print_header(header)
-    print_table("Peak memory (each case in a fresh process)", COLUMNS, rows,
-                notes="increase = peak - at rest. Training: the second AdamW step (weights and optimizer state are "
-                      "at rest). Generation: one greedy generate, batch 1.")
+    print_table(
+        "Peak memory (each case in a fresh process)",
+        COLUMNS,
+        rows,
+        notes="increase = peak - at rest. Training: the second AdamW step (weights and optimizer state are "
+        "at rest). Generation: one greedy generate, batch 1.",
+    )
     write_json(json_path, header, {"memory": rows})
 
 

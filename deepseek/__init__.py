@@ -1,8 +1,5 @@
-"""DeepSeek-V2/V3-style language models: Multi-Head Latent Attention and DeepSeekMoE."""
-from deepseek.attention import LatentCache, MultiHeadLatentAttention
-from deepseek.config import PRESETS, ModelConfig
-from deepseek.model import DeepSeekLM, ModelOutput
-from deepseek.moe import MoE, Router
+"""DeepSeek-V2/V3-style language models: Multi-Head Latent Attention and DeepSeekMoE, and their training engine.
 
-__all__ = ["DeepSeekLM", "LatentCache", "ModelConfig", "ModelOutput", "MoE", "MultiHeadLatentAttention",
-           "PRESETS", "Router"]
+Import from the modules themselves (`from deepseek.model import DeepSeekLM`, `from deepseek.config import
+ModelConfig`): a package that imports nothing lets each pipeline stage load, and depend on, only what it uses.
+"""

@@ -11,6 +11,7 @@ Training, and a prompt on an empty cache, materialise per-head keys and values a
 scaled_dot_product_attention. Decoding never does: the cache holds only c_KV and k_rope, W_UK is folded
 into the query and W_UV is applied after attention over the latent ("weight absorption").
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,14 +33,26 @@ class LatentCache:
     of absorbed attention are a view of it, with no copy per step.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         if max_len > config.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds max_seq_len ({config.max_seq_len})")
         self.kv_lora_rank = config.kv_lora_rank
-        self.data = torch.zeros(config.num_layers, batch_size, max_len,
-                                config.kv_lora_rank + config.qk_rope_head_dim, device=device, dtype=dtype)
-        self.length = 0  # tokens stored so far; the model advances it after each forward
+        self.data = torch.zeros(
+            config.num_layers,
+            batch_size,
+            max_len,
+            config.kv_lora_rank + config.qk_rope_head_dim,
+            device=device,
+            dtype=dtype,
+        )
+        self.length = 0  # tokens stored so far: read it, move it with advance() and reset()
 
     @property
     def max_len(self) -> int:
@@ -53,25 +66,36 @@ class LatentCache:
     def bytes_per_token(self) -> int:
         return self.data.shape[0] * self.data.shape[-1] * self.data.element_size()
 
+    def advance(self, tokens: int) -> None:
+        """Count tokens that every layer has appended (the model calls this after each forward)."""
+        if self.length + tokens > self.max_len:
+            raise ValueError(f"cache is full: {self.length + tokens} tokens do not fit in {self.max_len}")
+        self.length += tokens
+
+    def reset(self) -> None:
+        """Forget everything stored; the next forward starts at position 0."""
+        self.length = 0
+
     def append(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
         """Store this layer's new entries at positions [length, length + seq); return all entries so far."""
         end = self.length + latent.shape[1]
         if end > self.max_len:
             raise ValueError(f"cache is full: {end} tokens do not fit in {self.max_len}")
-        self.data[layer, :, self.length:end] = torch.cat((latent, k_rope), dim=-1).to(self.data.dtype)
+        self.data[layer, :, self.length : end] = torch.cat((latent, k_rope), dim=-1).to(self.data.dtype)
         return self.data[layer, :, :end]
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer  # which slot of a LatentCache is this layer's
         self.num_heads = config.num_heads
         self.nope_dim = config.qk_nope_head_dim
         self.rope_dim = config.qk_rope_head_dim
         self.v_dim = config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.q_lora_rank = config.q_lora_rank
-        self.scale = config.qk_head_dim ** -0.5
+        self.scale = config.qk_head_dim**-0.5
         qk_out = config.num_heads * config.qk_head_dim
         if config.q_lora_rank == 0:
             self.wq = nn.Linear(config.hidden_size, qk_out, bias=False)
@@ -83,12 +107,14 @@ class MultiHeadLatentAttention(nn.Module):
         self.wkv_a = nn.Linear(config.hidden_size, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
         # W_UK and W_UV stacked per head: rows [head, nope + v].
-        self.wkv_b = nn.Linear(config.kv_lora_rank, config.num_heads * (config.qk_nope_head_dim + config.v_head_dim),
-                               bias=False)
+        self.wkv_b = nn.Linear(
+            config.kv_lora_rank, config.num_heads * (config.qk_nope_head_dim + config.v_head_dim), bias=False
+        )
         self.wo = nn.Linear(config.num_heads * config.v_head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
+    ) -> torch.Tensor:
         """x: (batch, seq, hidden). cos, sin: RoPE tables for the positions of x."""
         batch, seq, _ = x.shape
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -103,7 +129,7 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._attend_expanded(q_nope, q_rope, latent, k_rope)
         else:
             start = cache.length
-            cached = cache.append(layer, latent, k_rope)
+            cached = cache.append(self.layer, latent, k_rope)
             if start == 0 and seq > 1:
                 # A prompt on an empty cache sees only itself: the expanded path runs fused causal SDPA,
                 # several times faster than absorbed attention over a long prompt. Decoding absorbs.
@@ -112,8 +138,9 @@ class MultiHeadLatentAttention(nn.Module):
                 out = self._attend_absorbed(q_nope, q_rope, cached, start)
         return self.wo(out.reshape(batch, seq, -1))
 
-    def _attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
-                         k_rope: torch.Tensor) -> torch.Tensor:
+    def _attend_expanded(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor
+    ) -> torch.Tensor:
         """Training path: up-project the latent to per-head keys and values, causal SDPA."""
         batch, seq, heads, _ = q_nope.shape
         k_nope, v = self.wkv_b(latent).view(batch, seq, heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
@@ -126,10 +153,11 @@ class MultiHeadLatentAttention(nn.Module):
         if v_pad > 0:
             v = F.pad(v, (0, v_pad))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return out[..., :self.v_dim].transpose(1, 2)  # (batch, seq, heads, v_dim)
+        return out[..., : self.v_dim].transpose(1, 2)  # (batch, seq, heads, v_dim)
 
-    def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor,
-                         start: int) -> torch.Tensor:
+    def _attend_absorbed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor, start: int
+    ) -> torch.Tensor:
         """Decoding path over the cache (batch, cached_len, kv_lora_rank + rope_dim), queries at start.
 
         q_nope . (W_UK c) = (W_UK^T q_nope) . c, so the query moves into latent space and the keys stay
@@ -150,6 +178,6 @@ class MultiHeadLatentAttention(nn.Module):
             positions = torch.arange(cached.shape[1], device=q.device)
             query_positions = (start + torch.arange(seq, device=q.device)).repeat_interleave(heads)
             scores = scores.masked_fill(positions[None, :] > query_positions[:, None], float("-inf"))
-        out = scores.softmax(dim=-1, dtype=torch.float32).type_as(q) @ keys[..., :self.kv_lora_rank]
+        out = scores.softmax(dim=-1, dtype=torch.float32).type_as(q) @ keys[..., : self.kv_lora_rank]
         out = out.view(batch, seq, heads, self.kv_lora_rank)
         return torch.einsum("bshc,hdc->bshd", out, w_uv)

@@ -1,4 +1,5 @@
 """Expert-load statistics (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing", §4.1)."""
+
 from __future__ import annotations
 
 import torch
@@ -26,6 +27,6 @@ def balance_report(counts: torch.Tensor) -> dict:
         "max_vio_global": per_layer.mean().item() if len(per_layer) else 0.0,
         "layers": [
             {"counts": c.tolist(), "load_fractions": f.tolist(), "max_vio": v.item()}
-            for c, f, v in zip(counts, load_fractions(counts), per_layer)
+            for c, f, v in zip(counts, load_fractions(counts), per_layer, strict=True)
         ],
     }

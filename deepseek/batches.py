@@ -3,6 +3,7 @@
 Training windows are random, but window i is a pure function of (seed, i). A run, a resumed run and
 a data-parallel run all see the same windows in the same order, with no sampler state to save.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -11,13 +12,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from deepseek.errors import UserError
+
 
 class RandomWindows(Dataset):
     """Item i: (inputs, targets), a random window of seq_len + 1 tokens shifted by one."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int) -> None:
         if len(tokens) < seq_len + 2:
-            raise ValueError(f"{len(tokens)} tokens are too few for windows of seq_len={seq_len}")
+            raise UserError(
+                f"{len(tokens)} tokens are too few for training windows of {seq_len} tokens: lower "
+                "train.seq_len, or use a larger corpus"
+            )
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
 
     def __len__(self) -> int:
@@ -25,7 +31,7 @@ class RandomWindows(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = np.random.default_rng((self.seed, index)).integers(0, len(self.tokens) - self.seq_len - 1)
-        window = torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
+        window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
         return window[:-1], window[1:]
 
 
@@ -50,17 +56,33 @@ class StepSampler:
         return (self.last_step - self.first_step) * self.per_rank
 
 
-def training_batches(tokens: np.ndarray, seq_len: int, micro_batch_size: int, grad_accum_steps: int, seed: int,
-                     first_step: int, last_step: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                     pin_memory: bool = False) -> DataLoader:
+def training_batches(
+    tokens: np.ndarray,
+    seq_len: int,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    seed: int,
+    first_step: int,
+    last_step: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
     """Micro-batches for steps [first_step, last_step), grad_accum_steps of them per step."""
     sampler = StepSampler(first_step, last_step, micro_batch_size * grad_accum_steps, rank, world_size)
-    return DataLoader(RandomWindows(tokens, seq_len, seed), batch_size=micro_batch_size, sampler=sampler,
-                      num_workers=num_workers, pin_memory=pin_memory)
+    return DataLoader(
+        RandomWindows(tokens, seq_len, seed),
+        batch_size=micro_batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )
 
 
-def evaluation_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def evaluation_batches(
+    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive non-overlapping windows: every token after the first is predicted exactly once.
 
     The last window may be shorter; it is yielded alone so that batches stay rectangular. With max_batches,
@@ -68,12 +90,12 @@ def evaluation_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_ba
     """
     starts = list(range(0, len(tokens) - 1, seq_len))
     full = [s for s in starts if s + seq_len + 1 <= len(tokens)]
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
     if len(full) < len(starts):
         batches.append([starts[-1]])
     if max_batches is not None and max_batches < len(batches):
         batches = [batches[i] for i in np.linspace(0, len(batches) - 1, max_batches).round().astype(int)]
     for batch in batches:
         end = min(batch[0] + seq_len + 1, len(tokens)) - batch[0]
-        windows = torch.from_numpy(np.stack([tokens[s:s + end].astype(np.int64) for s in batch]))
+        windows = torch.from_numpy(np.stack([tokens[s : s + end].astype(np.int64) for s in batch]))
         yield windows[:, :-1], windows[:, 1:]

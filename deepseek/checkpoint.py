@@ -4,6 +4,7 @@ Weights are safetensors. Optimizer, scheduler and RNG state go through torch.sav
 with torch.load(weights_only=True), which refuses pickled code. A directory appears whole or not at all:
 it is written under a temporary name, fsynced, then renamed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,20 +55,28 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Dee
     try:
         missing, unexpected = load_safetensors_model(model, str(model_dir / WEIGHTS), strict=False)
     except (SafetensorError, RuntimeError, OSError) as error:
-        raise UserError(f"{model_dir / WEIGHTS} is not a valid safetensors file for this model "
-                        f"({first_line(error)})") from None
+        raise UserError(
+            f"{model_dir / WEIGHTS} is not a valid safetensors file for this model ({first_line(error)})"
+        ) from None
     if missing or unexpected:
-        raise UserError(f"{model_dir / WEIGHTS} does not match {CONFIG}: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
+        raise UserError(
+            f"{model_dir / WEIGHTS} does not match {CONFIG}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return model.to(device)
+
+
+def run_fingerprint(*parts: Any) -> str:
+    """Identifies what a checkpoint was trained on; resuming is only allowed onto the same fingerprint."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
     return Path(directory) / f"step_{step:08d}"
 
 
-def save_checkpoint(directory: str | Path, step: int, model: DeepSeekLM, trainer_state: dict[str, Any],
-                    info: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    directory: str | Path, step: int, model: DeepSeekLM, trainer_state: dict[str, Any], info: dict[str, Any], keep: int
+) -> Path:
     """Write directory/step_{step:08d} and delete all but the newest `keep` checkpoints.
 
     checkpoint.json is written last and records every file's sha256, so a damaged copy is recognised.
@@ -132,8 +141,11 @@ def find_resume_point(directory: str | Path, fingerprint: str) -> ResumePoint | 
     checkpoints = list_checkpoints(directory)
     foreign = [c for c in checkpoints if _read_info(c).get("fingerprint") not in (fingerprint, None)]
     if foreign:
-        warnings.warn(f"{len(foreign)} checkpoint(s) in {directory} come from other params or data; "
-                      "removing them and starting from scratch", stacklevel=2)
+        warnings.warn(
+            f"{len(foreign)} checkpoint(s) in {directory} come from other params or data; "
+            "removing them and starting from scratch",
+            stacklevel=2,
+        )
         for checkpoint in checkpoints:
             shutil.rmtree(checkpoint, ignore_errors=True)
         return None

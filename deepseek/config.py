@@ -1,4 +1,9 @@
-"""Model configuration: DeepSeek's field names, validated on construction, JSON round-trippable."""
+"""The two configurations: ModelConfig (the network, in DeepSeek's field names) and TrainConfig (how to train it).
+
+Both are frozen dataclasses that check their values on construction, with one mechanism (errors.require):
+a bad value raises ConfigError naming the field.
+"""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from deepseek.errors import ConfigError, require
 
 
 @dataclass(frozen=True)
@@ -43,34 +50,69 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank", "qk_nope_head_dim",
-                    "qk_rope_head_dim", "v_head_dim", "max_seq_len", "num_routed_experts", "num_experts_per_tok",
-                    "moe_intermediate_size", "intermediate_size", "n_group", "topk_group")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_seq_len",
+            "num_routed_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "intermediate_size",
+            "n_group",
+            "topk_group",
+        )
         for name in positive:
-            _check(name, isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
-                   and getattr(self, name) > 0, "must be a positive integer")
+            require(
+                isinstance(getattr(self, name), int)
+                and not isinstance(getattr(self, name), bool)
+                and getattr(self, name) > 0,
+                name,
+                "must be a positive integer",
+            )
         for name in ("q_lora_rank", "num_shared_experts", "first_k_dense_layers"):
             value = getattr(self, name)
-            _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                   "must be a non-negative integer")
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                name,
+                "must be a non-negative integer",
+            )
         for name in ("rope_theta", "rms_norm_eps", "init_std", "routed_scaling_factor"):
-            _check(name, _is_number(getattr(self, name)) and getattr(self, name) > 0, "must be a positive number")
+            require(_is_number(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive number")
         for name in ("bias_update_rate", "seq_aux_loss_coef"):
-            _check(name, _is_number(getattr(self, name)) and getattr(self, name) >= 0, "must be a number >= 0")
-        _check("tie_embeddings", isinstance(self.tie_embeddings, bool), "must be true or false")
-        _check("qk_rope_head_dim", self.qk_rope_head_dim % 2 == 0, "must be even (RoPE rotates pairs)")
-        _check("score_func", self.score_func in ("sigmoid", "softmax"), "must be 'sigmoid' or 'softmax'")
-        _check("first_k_dense_layers", self.first_k_dense_layers <= self.num_layers,
-               f"({self.first_k_dense_layers}) must be <= num_layers ({self.num_layers})")
-        _check("num_experts_per_tok", self.num_experts_per_tok <= self.num_routed_experts,
-               f"({self.num_experts_per_tok}) must be <= num_routed_experts ({self.num_routed_experts})")
-        _check("n_group", self.num_routed_experts % self.n_group == 0,
-               f"({self.n_group}) must divide num_routed_experts ({self.num_routed_experts})")
-        _check("topk_group", self.topk_group <= self.n_group,
-               f"({self.topk_group}) must be <= n_group ({self.n_group})")
+            require(_is_number(getattr(self, name)) and getattr(self, name) >= 0, name, "must be a number >= 0")
+        require(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be true or false")
+        require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
+        require(self.score_func in ("sigmoid", "softmax"), "score_func", "must be 'sigmoid' or 'softmax'")
+        require(
+            self.first_k_dense_layers <= self.num_layers,
+            "first_k_dense_layers",
+            f"({self.first_k_dense_layers}) must be <= num_layers ({self.num_layers})",
+        )
+        require(
+            self.num_experts_per_tok <= self.num_routed_experts,
+            "num_experts_per_tok",
+            f"({self.num_experts_per_tok}) must be <= num_routed_experts ({self.num_routed_experts})",
+        )
+        require(
+            self.num_routed_experts % self.n_group == 0,
+            "n_group",
+            f"({self.n_group}) must divide num_routed_experts ({self.num_routed_experts})",
+        )
+        require(
+            self.topk_group <= self.n_group, "topk_group", f"({self.topk_group}) must be <= n_group ({self.n_group})"
+        )
         experts_reachable = self.topk_group * (self.num_routed_experts // self.n_group)
-        _check("num_experts_per_tok", self.num_experts_per_tok <= experts_reachable,
-               f"({self.num_experts_per_tok}) must be <= topk_group * experts per group ({experts_reachable})")
+        require(
+            self.num_experts_per_tok <= experts_reachable,
+            "num_experts_per_tok",
+            f"({self.num_experts_per_tok}) must be <= topk_group * experts per group ({experts_reachable})",
+        )
 
     @property
     def qk_head_dim(self) -> int:
@@ -91,7 +133,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
+            raise ConfigError(", ".join(unknown), f"is not a model config field; known: {', '.join(sorted(known))}")
         return cls(**values)
 
     def to_json(self, path: str | Path) -> None:
@@ -104,30 +146,112 @@ class ModelConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+            raise ConfigError("preset", f"{name!r} is unknown; choose one of: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: the optimisation, its schedule, precision, and when to log, evaluate, sample and checkpoint."""
+
+    max_steps: int = 600  # optimizer steps; each is micro_batch_size * grad_accum_steps sequences
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 4
+    seq_len: int = 128
+    lr: float = 2e-3
+    min_lr: float = 2e-4  # the cosine decay ends here
+    warmup_steps: int = 30
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 = no clipping
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 8  # validation batches, spread over the split, for val_loss_sampled
+    sample_interval: int = 200
+    checkpoint_interval: int = 200
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5  # stop (with a checkpoint) after this many skipped non-finite steps in a row
+    num_workers: int = 0
+    compile: bool = False  # torch.compile the training forward
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_steps",
+            "micro_batch_size",
+            "grad_accum_steps",
+            "seq_len",
+            "log_interval",
+            "eval_interval",
+            "eval_batches",
+            "sample_interval",
+            "checkpoint_interval",
+            "keep_checkpoints",
+            "max_nonfinite_steps",
+        ):
+            require(getattr(self, name) > 0, name, "must be positive")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "num_workers"):
+            require(getattr(self, name) >= 0, name, "must be >= 0")
+        require(self.min_lr <= self.lr, "min_lr", f"({self.min_lr}) must be <= lr ({self.lr})")
+        for name in ("beta1", "beta2"):
+            require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
+        require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        require(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "dtype",
+            "must be auto, float32, bfloat16 or float16",
+        )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.seq_len
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check(field: str, ok: bool, problem: str) -> None:
-    if not ok:
-        raise ValueError(f"model config field {field} {problem}")
-
-
 # Named starting points. Every preset is a complete ModelConfig once the defaults above fill in the rest.
 PRESETS: dict[str, dict[str, Any]] = {
     # A few seconds of CPU: for tests.
-    "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-                 qk_rope_head_dim=8, v_head_dim=8, max_seq_len=64, num_routed_experts=4, num_experts_per_tok=2,
-                 moe_intermediate_size=16, intermediate_size=64, first_k_dense_layers=1),
+    "tiny": dict(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        max_seq_len=64,
+        num_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        intermediate_size=64,
+        first_k_dense_layers=1,
+    ),
     # The default CPU model: trains on tiny Shakespeare in minutes on two cores.
     "cpu": dict(),
     # The original project's configuration (../shared/seed/README-seed.md), with its SmolLM2 vocabulary.
-    "seed": dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, q_lora_rank=128, kv_lora_rank=128,
-                 qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64, max_seq_len=2048, num_shared_experts=2,
-                 num_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=384, first_k_dense_layers=0,
-                 intermediate_size=1536, tie_embeddings=False),
+    "seed": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        num_layers=30,
+        num_heads=9,
+        q_lora_rank=128,
+        kv_lora_rank=128,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        max_seq_len=2048,
+        num_shared_experts=2,
+        num_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=384,
+        first_k_dense_layers=0,
+        intermediate_size=1536,
+        tie_embeddings=False,
+    ),
 }

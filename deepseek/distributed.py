@@ -4,6 +4,7 @@ Every rank trains on its own slice of each global batch; DistributedDataParallel
 expert loads are summed across ranks before the balancing-bias update (DeepSeekLM.update_expert_bias),
 so every rank applies the same update. Only rank 0 logs and writes files.
 """
+
 from __future__ import annotations
 
 import atexit

@@ -1,27 +1,24 @@
-"""Errors the user can fix, reported as one line without a traceback."""
+"""Errors the user can fix. Commands print them as one line; any other exception is a bug and keeps its traceback."""
+
 from __future__ import annotations
-
-import functools
-from typing import Callable, TypeVar
-
-import click
-
-F = TypeVar("F", bound=Callable)
 
 
 class UserError(Exception):
-    """Bad input or environment: the message names the problem and the fix."""
+    """Bad input or environment (a file, a value, a missing device): the message names the problem and the fix."""
 
 
-def report_user_errors(command: F) -> F:
-    """Turn UserError into click's one-line 'Error: ...' and exit status 1."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except UserError as error:
-            raise click.ClickException(str(error)) from None
-    return wrapper  # type: ignore[return-value]
+class ConfigError(UserError, ValueError):
+    """A configuration value that cannot work; the message starts with the field's name."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def require(ok: bool, field: str, problem: str) -> None:
+    """The one way configurations check their values: ConfigError(field, problem) unless ok."""
+    if not ok:
+        raise ConfigError(field, problem)
 
 
 def first_line(error: BaseException) -> str:

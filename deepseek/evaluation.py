@@ -1,8 +1,10 @@
 """Loss, perplexity, bits per character, accuracy and expert balance over a token split."""
+
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +16,7 @@ from deepseek.batches import evaluation_batches
 from deepseek.model import DeepSeekLM
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager[Any]:
     """Mixed precision where dtype asks for it; plain float32 otherwise."""
     if dtype == torch.float32:
         return nullcontext()
@@ -22,8 +24,16 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def evaluate(model: DeepSeekLM, tokens: np.ndarray, seq_len: int, batch_size: int, characters: int | None = None,
-             max_batches: int | None = None, dtype: torch.dtype = torch.float32, progress: bool = False) -> dict:
+def evaluate(
+    model: DeepSeekLM,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    characters: int | None = None,
+    max_batches: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> dict:
     """Metrics over the split (or its first max_batches batches).
 
     Bits per character divide the total negative log-likelihood by the characters the predicted tokens
@@ -47,7 +57,12 @@ def evaluate(model: DeepSeekLM, tokens: np.ndarray, seq_len: int, batch_size: in
         scored += targets.numel()
     model.train(was_training)
     loss = nll.item() / scored
-    metrics = {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct.item() / scored, "tokens": scored}
+    metrics: dict[str, Any] = {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "accuracy": correct.item() / scored,
+        "tokens": scored,
+    }
     if characters:
         metrics["bits_per_character"] = nll.item() / math.log(2) / (characters * scored / (len(tokens) - 1))
     metrics["balance"] = balance_report(counts.cpu())

@@ -1,4 +1,5 @@
 """Writing outputs so that nothing is ever left half-written: temporary name, fsync, rename."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,10 @@ def check_replaceable(target: str | Path, marker: str) -> None:
     if not target.is_dir():
         raise UserError(f"{target} is a file: pass a new or empty directory")
     if any(target.iterdir()) and not (target / marker).is_file():
-        raise UserError(f"{target} holds files but no {marker}, so it is not a previous output of this stage: "
-                        "pass a new or empty directory")
+        raise UserError(
+            f"{target} holds files but no {marker}, so it is not a previous output of this stage: "
+            "pass a new or empty directory"
+        )
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """Autoregressive sampling with the latent KV cache."""
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,8 +12,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token ids (batch, 1) from last-position logits (batch, vocab). temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -30,9 +36,17 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 @torch.no_grad()
-def generate(model: DeepSeekLM, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-             eos_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+def generate(
+    model: DeepSeekLM,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
     """Continue prompt (batch, seq) by up to max_new_tokens tokens; returns prompt + continuation.
 
     With the cache, each step feeds one token. When the context reaches max_seq_len, the cache is
@@ -61,8 +75,8 @@ def generate(model: DeepSeekLM, prompt: torch.Tensor, max_new_tokens: int, tempe
             if cache is None:
                 logits = model(tokens[:, -window:], last_logits_only=True).logits[:, -1]
             elif cache.length == cache.max_len:
-                cache.length = 0
-                logits = model(tokens[:, -(cache.max_len // 2):], cache=cache, last_logits_only=True).logits[:, -1]
+                cache.reset()
+                logits = model(tokens[:, -(cache.max_len // 2) :], cache=cache, last_logits_only=True).logits[:, -1]
             else:
                 logits = model(next_token, cache=cache).logits[:, -1]
         return tokens
@@ -70,12 +84,13 @@ def generate(model: DeepSeekLM, prompt: torch.Tensor, max_new_tokens: int, tempe
         model.train(was_training)
 
 
-def generate_text(model: DeepSeekLM, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int,
-                  **sampling) -> str:
+def generate_text(
+    model: DeepSeekLM, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int, **sampling: Any
+) -> str:
     """prompt and its continuation as text; generation stops early at the tokenizer's end-of-text token.
 
     sampling: generate's temperature, top_k, top_p and generator.
     """
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     out = generate(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id, **sampling)
-    return tokenizer.decode(out[0].tolist())
+    return str(tokenizer.decode(out[0].tolist()))

@@ -5,18 +5,24 @@ stacked tensors here and one key per expert there. Our RoPE pairs (x[i], x[i + d
 transformers' `rope_interleave=False`; checkpoints with interleaved pairs (DeepSeek's own) are
 converted on import by permuting the rows that produce the RoPE halves.
 """
+
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from deepseek.config import ModelConfig
+from deepseek.errors import UserError
 from deepseek.files import replacing_dir
 from deepseek.model import DeepSeekLM
+
+if TYPE_CHECKING:
+    from transformers import DeepseekV3Config
 
 # Our name -> transformers' name, inside model.layers.{i}.
 _LAYER_RENAMES = {
@@ -39,54 +45,86 @@ _LAYER_RENAMES = {
     "ffn.shared_experts.up_proj.weight": "mlp.shared_experts.up_proj.weight",
     "ffn.shared_experts.down_proj.weight": "mlp.shared_experts.down_proj.weight",
 }
-_TOP_RENAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                "head.weight": "lm_head.weight"}
+_TOP_RENAMES = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "head.weight": "lm_head.weight",
+}
 
 
-def to_hf_config(config: ModelConfig, eos_token_id: int | None = None):
+def to_hf_config(config: ModelConfig, eos_token_id: int | None = None) -> DeepseekV3Config:
     """The transformers DeepseekV3Config describing the same network (and the tokenizer's end-of-text id)."""
     from transformers import DeepseekV3Config
 
     if config.score_func != "sigmoid":
-        raise ValueError("transformers' DeepseekV3 routes with sigmoid scores; export needs score_func=sigmoid")
+        raise UserError("transformers' DeepseekV3 routes with sigmoid scores; export needs score_func=sigmoid")
     return DeepseekV3Config(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
-        q_lora_rank=config.q_lora_rank or None, kv_lora_rank=config.kv_lora_rank,
-        qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
-        v_head_dim=config.v_head_dim, max_position_embeddings=config.max_seq_len, rms_norm_eps=config.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, rope_interleave=False,
-        n_shared_experts=config.num_shared_experts, n_routed_experts=config.num_routed_experts,
-        num_experts_per_tok=config.num_experts_per_tok, moe_intermediate_size=config.moe_intermediate_size,
-        first_k_dense_replace=config.first_k_dense_layers, intermediate_size=config.intermediate_size,
-        routed_scaling_factor=config.routed_scaling_factor, n_group=config.n_group, topk_group=config.topk_group,
-        norm_topk_prob=True, tie_word_embeddings=config.tie_embeddings, initializer_range=config.init_std,
-        num_mtp_layers=0, architectures=["DeepseekV3ForCausalLM"], bos_token_id=None, eos_token_id=eos_token_id,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        q_lora_rank=config.q_lora_rank or None,
+        kv_lora_rank=config.kv_lora_rank,
+        qk_nope_head_dim=config.qk_nope_head_dim,
+        qk_rope_head_dim=config.qk_rope_head_dim,
+        v_head_dim=config.v_head_dim,
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rope_interleave=False,
+        n_shared_experts=config.num_shared_experts,
+        n_routed_experts=config.num_routed_experts,
+        num_experts_per_tok=config.num_experts_per_tok,
+        moe_intermediate_size=config.moe_intermediate_size,
+        first_k_dense_replace=config.first_k_dense_layers,
+        intermediate_size=config.intermediate_size,
+        routed_scaling_factor=config.routed_scaling_factor,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        norm_topk_prob=True,
+        tie_word_embeddings=config.tie_embeddings,
+        initializer_range=config.init_std,
+        num_mtp_layers=0,
+        architectures=["DeepseekV3ForCausalLM"],
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
     )
 
 
 def from_hf_config(hf: dict) -> ModelConfig:
     """Our ModelConfig from a transformers DeepseekV3 config.json; refuses what we do not implement."""
     if hf.get("model_type") != "deepseek_v3":
-        raise ValueError(f"expected a deepseek_v3 config, got model_type={hf.get('model_type')!r}")
+        raise UserError(f"expected a deepseek_v3 config, got model_type={hf.get('model_type')!r}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        raise UserError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
     for key, wanted in (("attention_bias", False), ("hidden_act", "silu"), ("norm_topk_prob", True)):
         if hf.get(key, wanted) != wanted:
-            raise ValueError(f"config.json has {key}={hf[key]!r}; only {wanted!r} is supported")
+            raise UserError(f"config.json has {key}={hf[key]!r}; only {wanted!r} is supported")
     return ModelConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"], q_lora_rank=hf.get("q_lora_rank") or 0,
-        kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        q_lora_rank=hf.get("q_lora_rank") or 0,
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        max_seq_len=hf["max_position_embeddings"], rms_norm_eps=hf["rms_norm_eps"],
-        num_shared_experts=hf.get("n_shared_experts") or 0, num_routed_experts=hf["n_routed_experts"],
-        num_experts_per_tok=hf["num_experts_per_tok"], moe_intermediate_size=hf["moe_intermediate_size"],
-        first_k_dense_layers=hf["first_k_dense_replace"], intermediate_size=hf["intermediate_size"],
-        routed_scaling_factor=hf["routed_scaling_factor"], n_group=hf.get("n_group") or 1,
-        topk_group=hf.get("topk_group") or 1, tie_embeddings=hf.get("tie_word_embeddings", False),
+        max_seq_len=hf["max_position_embeddings"],
+        rms_norm_eps=hf["rms_norm_eps"],
+        num_shared_experts=hf.get("n_shared_experts") or 0,
+        num_routed_experts=hf["n_routed_experts"],
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        moe_intermediate_size=hf["moe_intermediate_size"],
+        first_k_dense_layers=hf["first_k_dense_replace"],
+        intermediate_size=hf["intermediate_size"],
+        routed_scaling_factor=hf["routed_scaling_factor"],
+        n_group=hf.get("n_group") or 1,
+        topk_group=hf.get("topk_group") or 1,
+        tie_embeddings=hf.get("tie_word_embeddings", False),
         init_std=hf.get("initializer_range", 0.02),
     )
 
@@ -115,8 +153,9 @@ def to_hf_state_dict(model: DeepSeekLM) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
-def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig, rope_interleave: bool
-                       ) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    hf: dict[str, torch.Tensor], config: ModelConfig, rope_interleave: bool
+) -> dict[str, torch.Tensor]:
     """Inverse of to_hf_state_dict; interleaved RoPE rows are reordered into our layout."""
     back = {v: k for k, v in _TOP_RENAMES.items()}
     out = {}
@@ -127,9 +166,13 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig, rope_in
                 out[f"layers.{i}.{ours}"] = hf[prefix + theirs]
         if i >= config.first_k_dense_layers:
             experts = range(config.num_routed_experts)
-            expert = lambda e, proj: hf[f"{prefix}mlp.experts.{e}.{proj}.weight"]  # noqa: E731
+
+            def expert(e: int, proj: str, prefix: str = prefix) -> torch.Tensor:
+                return hf[f"{prefix}mlp.experts.{e}.{proj}.weight"]
+
             out[f"layers.{i}.ffn.experts.gate_up_proj"] = torch.stack(
-                [torch.cat((expert(e, "gate_proj"), expert(e, "up_proj"))) for e in experts])
+                [torch.cat((expert(e, "gate_proj"), expert(e, "up_proj"))) for e in experts]
+            )
             out[f"layers.{i}.ffn.experts.down_proj"] = torch.stack([expert(e, "down_proj") for e in experts])
         if rope_interleave:
             _deinterleave_rope_rows(out, f"layers.{i}.attn.", config)
@@ -147,10 +190,11 @@ def _deinterleave_rope_rows(weights: dict[str, torch.Tensor], prefix: str, confi
     perm = torch.cat((torch.arange(0, d, 2), torch.arange(1, d, 2)))
     q_name = prefix + ("wq.weight" if config.q_lora_rank == 0 else "wq_b.weight")
     q = weights[q_name].view(config.num_heads, config.qk_head_dim, -1)
-    weights[q_name] = torch.cat((q[:, :config.qk_nope_head_dim], q[:, config.qk_nope_head_dim:][:, perm]),
-                                dim=1).reshape(-1, q.shape[-1])
+    weights[q_name] = torch.cat(
+        (q[:, : config.qk_nope_head_dim], q[:, config.qk_nope_head_dim :][:, perm]), dim=1
+    ).reshape(-1, q.shape[-1])
     kv = weights[prefix + "wkv_a.weight"]
-    weights[prefix + "wkv_a.weight"] = torch.cat((kv[:config.kv_lora_rank], kv[config.kv_lora_rank:][perm]))
+    weights[prefix + "wkv_a.weight"] = torch.cat((kv[: config.kv_lora_rank], kv[config.kv_lora_rank :][perm]))
 
 
 def export_hf(model: DeepSeekLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
@@ -182,8 +226,9 @@ def import_hf(path: str | Path) -> DeepSeekLM:
     hf_config = json.loads((path / "config.json").read_text())
     config = from_hf_config(hf_config)
     index = path / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-             else ["model.safetensors"])
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     hf_weights = {}
     for name in files:
         hf_weights.update(load_file(path / name))

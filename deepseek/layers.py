@@ -1,4 +1,5 @@
 """Building blocks shared by attention and the feed-forward layers: RMSNorm, rotary embeddings, SwiGLU."""
+
 from __future__ import annotations
 
 import torch

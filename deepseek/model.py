@@ -1,4 +1,5 @@
 """DeepSeekLM: a decoder of MLA + (dense SwiGLU | DeepSeekMoE) blocks, pre-norm, with an LM head."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek import distributed
 from deepseek.attention import LatentCache, MultiHeadLatentAttention
 from deepseek.config import ModelConfig
 from deepseek.layers import RMSNorm, SwiGLU, rope_tables
@@ -25,16 +25,16 @@ class ModelOutput:
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.layer = layer
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = MultiHeadLatentAttention(config)
+        self.attn = MultiHeadLatentAttention(config, layer)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = layer >= config.first_k_dense_layers
-        self.ffn = MoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
+        self.ffn: MoE | SwiGLU = MoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         if not self.is_moe:
             return x + self.ffn(self.ffn_norm(x)), None, None
         out, counts, aux_loss = self.ffn(self.ffn_norm(x))
@@ -42,6 +42,9 @@ class Block(nn.Module):
 
 
 class DeepSeekLM(nn.Module):
+    rope_cos: torch.Tensor  # buffers: the RoPE tables, (max_seq_len, qk_rope_head_dim / 2)
+    rope_sin: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -59,7 +62,7 @@ class DeepSeekLM(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for every matrix, ones for norms, zero balancing biases."""
         std = self.config.init_std
-        for name, param in self.named_parameters():
+        for param in self.parameters():
             if param.dim() >= 2:
                 nn.init.normal_(param, mean=0.0, std=std)
             else:
@@ -68,10 +71,15 @@ class DeepSeekLM(nn.Module):
             moe.gate.expert_bias.zero_()
 
     def moe_layers(self) -> list[MoE]:
-        return [block.ffn for block in self.layers if block.is_moe]
+        return [module for module in self.layers.modules() if isinstance(module, MoE)]
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: LatentCache | None = None, last_logits_only: bool = False) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        last_logits_only: bool = False,
+    ) -> ModelOutput:
         """input_ids: (batch, seq). With a cache, input_ids continue the sequence the cache holds.
 
         last_logits_only skips the LM head for all but the last position (what generation needs).
@@ -89,28 +97,33 @@ class DeepSeekLM(nn.Module):
                 all_counts.append(counts)
                 aux_loss = aux_loss + layer_aux
         if cache is not None:
-            cache.length = end
+            cache.advance(input_ids.shape[1])
         if last_logits_only:
             x = x[:, -1:]
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100) + aux_loss
-        expert_counts = (torch.stack(all_counts) if all_counts
-                         else x.new_zeros((0, self.config.num_routed_experts), dtype=torch.float32))
+        expert_counts = (
+            torch.stack(all_counts)
+            if all_counts
+            else x.new_zeros((0, self.config.num_routed_experts), dtype=torch.float32)
+        )
         return ModelOutput(logits, loss, aux_loss, expert_counts)
 
     @torch.no_grad()
-    def update_expert_bias(self) -> torch.Tensor:
+    def update_expert_bias(self, loads: torch.Tensor | None = None) -> torch.Tensor:
         """Auxiliary-loss-free balancing step; call once after each optimizer step.
 
-        Uses the loads accumulated over every micro-batch since the last call (summed over processes
-        under torch.distributed), moves each bias by rate * sign(mean load - load), then clears the
-        loads. Returns the loads used, (num_moe_layers, num_experts).
+        Moves each expert's bias by rate * sign(mean load - load). loads, (num_moe_layers, num_experts), are
+        the tokens routed since the last update: by default those this model counted, over every micro-batch
+        (taken, so they start again from zero); a data-parallel trainer passes clear_expert_load() summed
+        over its processes instead. Returns the loads used.
         """
-        loads = distributed.sum_across_ranks(self.clear_expert_load())
+        if loads is None:
+            loads = self.clear_expert_load()
         rate = self.config.bias_update_rate
-        for moe, load in zip(self.moe_layers(), loads):
+        for moe, load in zip(self.moe_layers(), loads, strict=True):
             moe.gate.expert_bias += rate * torch.sign(load.mean() - load)
         return loads
 

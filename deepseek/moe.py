@@ -5,6 +5,7 @@ The router picks experts by score + bias, where the bias is the auxiliary-loss-f
 unbiased scores. The bias is a buffer, moved by `DeepSeekLM.update_expert_bias` after optimizer steps,
 never by the optimizer and never by forward.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ class Routing:
 
 
 class Router(nn.Module):
+    expert_bias: torch.Tensor  # a buffer: the balancing bias, moved by DeepSeekLM.update_expert_bias
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
@@ -65,8 +68,9 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 # Left out of torch.compile graphs: dynamo's shape rule for grouped_mm admits bf16 only (torch 2.13).
 @torch.compiler.disable
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
-                   sizes: list[int] | None = None) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor, sizes: list[int] | None = None
+) -> torch.Tensor:
     """x @ weight[e].T for each expert e's rows of x, which are sorted by expert; expert e's rows end at ends[e].
 
     sizes None: torch's grouped GEMM runs every expert in one call, with no host sync. Given (the row count of
@@ -106,6 +110,8 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
+    pending_load: torch.Tensor  # a buffer: tokens routed to each expert since the last balancing update
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.num_experts = config.num_routed_experts
@@ -114,8 +120,11 @@ class MoE(nn.Module):
         self.gate = Router(config)
         self.experts = RoutedExperts(config.num_routed_experts, config.hidden_size, config.moe_intermediate_size)
         # n shared experts of width m are one SwiGLU of width n*m (their sum is a concatenation).
-        self.shared_experts = (SwiGLU(config.hidden_size, config.num_shared_experts * config.moe_intermediate_size)
-                               if config.num_shared_experts else None)
+        self.shared_experts = (
+            SwiGLU(config.hidden_size, config.num_shared_experts * config.moe_intermediate_size)
+            if config.num_shared_experts
+            else None
+        )
         # Tokens routed to each expert over the micro-batches of the current optimizer step (training only).
         self.register_buffer("pending_load", torch.zeros(config.num_routed_experts), persistent=False)
 

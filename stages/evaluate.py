@@ -1,4 +1,5 @@
 """DVC stage `evaluate`: metrics of the trained model over the whole validation split, and the plots."""
+
 from __future__ import annotations
 
 import csv
@@ -7,56 +8,82 @@ from pathlib import Path
 import click
 import numpy as np
 
-from deepseek import figures, tracking
 from deepseek.checkpoint import load_model
-from deepseek.errors import report_user_errors
 from deepseek.evaluation import evaluate as evaluate_model
 from deepseek.files import write_json, write_text
-from deepseek.params import load_params
-from deepseek.tokenizer import load_meta, load_tokens
+from stages import figures, tracking
+from stages.errors import report_user_errors
+from stages.params import load_params
+from stages.tokenizer import load_meta, load_tokens
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(),
-              help="Parameters file.")
+@click.option(
+    "--params", "params_path", default="params.yaml", show_default=True, type=click.Path(), help="Parameters file."
+)
 @click.option("--model-dir", default="model/final", show_default=True, type=click.Path(path_type=Path))
 @click.option("--tokens-dir", default="data/tokens", show_default=True, type=click.Path(path_type=Path))
-@click.option("--reports-dir", default="reports", show_default=True, type=click.Path(path_type=Path),
-              help="Gets metrics.json, expert_load.csv and figures/; reads the train stage's loss logs.")
+@click.option(
+    "--reports-dir",
+    default="reports",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Gets metrics.json, expert_load.csv and figures/; reads the train stage's loss logs.",
+)
 @report_user_errors
 def evaluate(params_path: str, model_dir: Path, tokens_dir: Path, reports_dir: Path) -> None:
     """Loss, perplexity, bits per character, accuracy and expert balance on the validation split."""
     params = load_params(params_path)
     model = load_model(model_dir)
     meta = load_meta(tokens_dir)
-    val = evaluate_model(model, load_tokens(tokens_dir, "val"), params.train.seq_len, params.evaluate.batch_size,
-                         characters=meta["val_characters"], progress=True)
+    val = evaluate_model(
+        model,
+        load_tokens(tokens_dir, "val"),
+        params.train.seq_len,
+        params.evaluate.batch_size,
+        characters=meta["val_characters"],
+        progress=True,
+    )
     balance = val.pop("balance")
     # The DVC metrics file holds the headline only, so that `dvc exp show` stays readable.
-    metrics = {"val": {key: val[key] for key in ("bits_per_character", "loss", "perplexity", "accuracy")}
-               | {"max_vio": balance["max_vio_global"]}}
+    metrics = {
+        "val": {key: val[key] for key in ("bits_per_character", "loss", "perplexity", "accuracy")}
+        | {"max_vio": balance["max_vio_global"]}
+    }
     write_json(reports_dir / "metrics.json", metrics)
 
     fractions = np.array([layer["load_fractions"] for layer in balance["layers"]])
     _write_expert_load_csv(reports_dir / "expert_load.csv", fractions)
     figures.expert_load(fractions, reports_dir / "figures" / "expert_load.png")
-    figures.loss_curves(_read_csv(reports_dir / "train_log.csv"), _read_csv(reports_dir / "val_log.csv"),
-                        val["loss"], reports_dir / "figures" / "loss.png")
+    figures.loss_curves(
+        _read_csv(reports_dir / "train_log.csv"),
+        _read_csv(reports_dir / "val_log.csv"),
+        val["loss"],
+        reports_dir / "figures" / "loss.png",
+    )
     run = tracking.Run.resume(reports_dir / tracking.RUN_FILE)
-    run.log_metrics(tracking.flatten(metrics) | {"val.tokens": val["tokens"]}
-                    | {f"val.max_vio/layer_{i}": layer["max_vio"] for i, layer in enumerate(balance["layers"])})
+    run.log_metrics(
+        tracking.flatten(metrics)
+        | {"val.tokens": val["tokens"]}
+        | {f"val.max_vio/layer_{i}": layer["max_vio"] for i, layer in enumerate(balance["layers"])}
+    )
     run.log_artifact(reports_dir / "figures", "figures")
     run.log_artifact(reports_dir / "expert_load.csv")
-    click.echo(f"val: loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
-               f"bits/char {val['bits_per_character']:.4f} | accuracy {val['accuracy']:.4f} | "
-               f"MaxVio {balance['max_vio_global']:.3f}")
+    click.echo(
+        f"val: loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
+        f"bits/char {val['bits_per_character']:.4f} | accuracy {val['accuracy']:.4f} | "
+        f"MaxVio {balance['max_vio_global']:.3f}"
+    )
 
 
 def _write_expert_load_csv(path: Path, fractions: np.ndarray) -> None:
     """One row per (layer, expert), in the long format DVC's bar plots read."""
     lines = ["expert,layer,load_fraction"]
-    lines += [f"L{layer}/E{expert},{layer},{share:.6f}" for layer, row in enumerate(fractions)
-              for expert, share in enumerate(row)]
+    lines += [
+        f"L{layer}/E{expert},{layer},{share:.6f}"
+        for layer, row in enumerate(fractions)
+        for expert, share in enumerate(row)
+    ]
     write_text(path, "\n".join(lines) + "\n")
 
 

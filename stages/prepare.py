@@ -1,18 +1,31 @@
 """DVC stage `prepare`: raw text in; train.txt, val.txt and stats.json out."""
+
 from __future__ import annotations
 
 import click
 
-from deepseek.data import PREPARED_DIR, prepare_corpus
-from deepseek.errors import report_user_errors
-from deepseek.params import PARAMS_FILE, load_params
+from stages.data import PREPARED_DIR, prepare_corpus
+from stages.errors import report_user_errors
+from stages.params import PARAMS_FILE, load_params
 
 
 @click.command()
-@click.option("--params", "params_path", default=PARAMS_FILE, show_default=True, type=click.Path(dir_okay=False),
-              help="Parameters file; all of it is checked, the data section is used.")
-@click.option("--out", "out_dir", default=PREPARED_DIR, show_default=True, type=click.Path(file_okay=False),
-              help="Output directory, replaced whole (it may hold only a previous run's outputs).")
+@click.option(
+    "--params",
+    "params_path",
+    default=PARAMS_FILE,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Parameters file; all of it is checked, the data section is used.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default=PREPARED_DIR,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output directory, replaced whole (it may hold only a previous run's outputs).",
+)
 @report_user_errors
 def prepare(params_path: str, out_dir: str) -> None:
     """Split the raw corpus into train and validation text and record its stats.
@@ -31,9 +44,11 @@ def prepare(params_path: str, out_dir: str) -> None:
     """
     params = load_params(params_path).data
     stats = prepare_corpus(params, out_dir)
-    click.echo(f"prepared {stats['source']}: {stats['characters']:,} characters, {stats['lines']:,} lines, "
-               f"{stats['unique_characters']:,} unique; train {stats['train_characters']:,}, "
-               f"val {stats['val_characters']:,} -> {out_dir}")
+    click.echo(
+        f"prepared {stats['source']}: {stats['characters']:,} characters, {stats['lines']:,} lines, "
+        f"{stats['unique_characters']:,} unique; train {stats['train_characters']:,}, "
+        f"val {stats['val_characters']:,} -> {out_dir}"
+    )
 
 
 if __name__ == "__main__":

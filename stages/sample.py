@@ -1,4 +1,5 @@
 """DVC stage `sample`: KV-cached generations for the prompts in params `sample`, as Markdown and JSON."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,21 +7,27 @@ from pathlib import Path
 import click
 import torch
 
-from deepseek import tracking
 from deepseek.checkpoint import TOKENIZER, load_model
-from deepseek.errors import report_user_errors
 from deepseek.files import write_json, write_text
 from deepseek.generate import generate_text
-from deepseek.params import load_params
-from deepseek.tokenizer import load_tokenizer
+from stages import tracking
+from stages.errors import report_user_errors
+from stages.params import load_params
+from stages.tokenizer import load_tokenizer
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(),
-              help="Parameters file.")
+@click.option(
+    "--params", "params_path", default="params.yaml", show_default=True, type=click.Path(), help="Parameters file."
+)
 @click.option("--model-dir", default="model/final", show_default=True, type=click.Path(path_type=Path))
-@click.option("--reports-dir", default="reports", show_default=True, type=click.Path(path_type=Path),
-              help="Gets samples.md and samples.json.")
+@click.option(
+    "--reports-dir",
+    default="reports",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Gets samples.md and samples.json.",
+)
 @report_user_errors
 def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
     """Generate a continuation of every prompt in params.yaml `sample.prompts`."""
@@ -30,8 +37,16 @@ def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
     generator = torch.Generator().manual_seed(params.seed)
     samples = []
     for prompt in params.prompts:
-        text = generate_text(model, tokenizer, prompt, params.max_new_tokens, temperature=params.temperature,
-                             top_k=params.top_k, top_p=params.top_p, generator=generator)
+        text = generate_text(
+            model,
+            tokenizer,
+            prompt,
+            params.max_new_tokens,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            generator=generator,
+        )
         samples.append({"prompt": prompt, "text": text})
         click.echo(f"--- {prompt}\n{samples[-1]['text']}\n")
     settings = {k: v for k, v in vars(params).items() if k != "prompts"}

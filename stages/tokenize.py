@@ -1,22 +1,45 @@
 """DVC stage `tokenize`: prepared text in; a saved tokenizer and flat token-id files out."""
+
 from __future__ import annotations
 
 import click
 
-from deepseek.errors import report_user_errors
-from deepseek.params import PARAMS_FILE, load_params
-from deepseek.tokenizer import PREPARED_DIR, TOKENIZER_DIR, TOKENS_DIR, tokenize_corpus
+from stages.errors import report_user_errors
+from stages.params import PARAMS_FILE, load_params
+from stages.tokenizer import PREPARED_DIR, TOKENIZER_DIR, TOKENS_DIR, tokenize_corpus
 
 
 @click.command()
-@click.option("--params", "params_path", default=PARAMS_FILE, show_default=True, type=click.Path(dir_okay=False),
-              help="Parameters file; all of it is checked, the tokenizer section is used.")
-@click.option("--prepared", "prepared_dir", default=PREPARED_DIR, show_default=True, type=click.Path(file_okay=False),
-              help="The prepare stage's output: train.txt, val.txt, stats.json.")
-@click.option("--tokenizer-dir", default=TOKENIZER_DIR, show_default=True, type=click.Path(file_okay=False),
-              help="Output: the tokenizer, loadable with transformers.AutoTokenizer.from_pretrained. Replaced whole.")
-@click.option("--tokens-dir", default=TOKENS_DIR, show_default=True, type=click.Path(file_okay=False),
-              help="Output: train.bin, val.bin (raw token ids) and meta.json. Replaced whole.")
+@click.option(
+    "--params",
+    "params_path",
+    default=PARAMS_FILE,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Parameters file; all of it is checked, the tokenizer section is used.",
+)
+@click.option(
+    "--prepared",
+    "prepared_dir",
+    default=PREPARED_DIR,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="The prepare stage's output: train.txt, val.txt, stats.json.",
+)
+@click.option(
+    "--tokenizer-dir",
+    default=TOKENIZER_DIR,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output: the tokenizer, loadable with transformers.AutoTokenizer.from_pretrained. Replaced whole.",
+)
+@click.option(
+    "--tokens-dir",
+    default=TOKENS_DIR,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output: train.bin, val.bin (raw token ids) and meta.json. Replaced whole.",
+)
 @report_user_errors
 def tokenize(params_path: str, prepared_dir: str, tokenizer_dir: str, tokens_dir: str) -> None:
     """Build a tokenizer from the train split and encode both splits.

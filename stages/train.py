@@ -2,6 +2,7 @@
 
 It opens the pipeline's MLflow run; evaluate and sample log into the same run through reports/mlflow_run.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,32 +12,58 @@ from pathlib import Path
 
 import click
 
-from deepseek import distributed, tracking
-from deepseek.checkpoint import CONFIG, INFO, WEIGHTS, find_resume_point, list_checkpoints, save_model
-from deepseek.errors import UserError, report_user_errors
+from deepseek import distributed
+from deepseek.checkpoint import (
+    CONFIG,
+    INFO,
+    WEIGHTS,
+    ResumePoint,
+    find_resume_point,
+    list_checkpoints,
+    run_fingerprint,
+    save_model,
+)
 from deepseek.files import write_json
 from deepseek.model import DeepSeekLM
-from deepseek.params import DataParams, load_params
-from deepseek.tokenizer import load_meta, load_tokenizer, load_tokens
-from deepseek.trainer import (Sampler, TrainingStopped, TrainOutputs, code_version, run_fingerprint,
-                              seed_everything)
-from deepseek.trainer import train as run_training
+from deepseek.trainer import Sampler, Trainer, TrainingStopped, TrainOutputs, seed_everything
+from stages import tracking
+from stages.code import code_version
+from stages.errors import report_user_errors
+from stages.params import DataParams, Params, load_params
+from stages.tokenizer import load_meta, load_tokenizer, load_tokens
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(),
-              help="Parameters file.")
-@click.option("--data-stats", default="data/prepared/stats.json", show_default=True, type=click.Path(path_type=Path),
-              help="The prepare stage's stats, recorded with the run as its MLflow dataset.")
+@click.option(
+    "--params", "params_path", default="params.yaml", show_default=True, type=click.Path(), help="Parameters file."
+)
+@click.option(
+    "--data-stats",
+    default="data/prepared/stats.json",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="The prepare stage's stats, recorded with the run as its MLflow dataset.",
+)
 @click.option("--tokens-dir", default="data/tokens", show_default=True, type=click.Path(path_type=Path))
 @click.option("--tokenizer-dir", default="data/tokenizer", show_default=True, type=click.Path(path_type=Path))
-@click.option("--model-dir", default="model", show_default=True, type=click.Path(path_type=Path),
-              help="Gets final/ (weights, config, tokenizer) and checkpoints/.")
-@click.option("--reports-dir", default="reports", show_default=True, type=click.Path(path_type=Path),
-              help="Gets train_summary.json, the loss logs train_log.csv, val_log.csv, and mlflow_run.json.")
+@click.option(
+    "--model-dir",
+    default="model",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Gets final/ (weights, config, tokenizer) and checkpoints/.",
+)
+@click.option(
+    "--reports-dir",
+    default="reports",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Gets train_summary.json, the loss logs train_log.csv, val_log.csv, and mlflow_run.json.",
+)
 @report_user_errors
-def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: Path, model_dir: Path,
-          reports_dir: Path) -> None:
+def train(
+    params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: Path, model_dir: Path, reports_dir: Path
+) -> None:
     """Train the model described by params.yaml `model` with the settings of `train`.
 
     \b
@@ -49,70 +76,112 @@ def train(params_path: str, data_stats: Path, tokens_dir: Path, tokenizer_dir: P
     """
     distributed.init_from_env()  # under torchrun; a no-op for one process
     params = load_params(params_path)
-    train_params, mlflow_params, seed = params.train, params.mlflow, params.seed
     meta = load_meta(tokens_dir)
     config = params.model.config(meta["vocab_size"])
     tokenizer = load_tokenizer(tokenizer_dir)
-    train_tokens, val_tokens = load_tokens(tokens_dir, "train"), load_tokens(tokens_dir, "val")
     stats = json.loads(data_stats.read_text()) if data_stats.exists() else {}
 
-    seed_everything(seed)
+    seed_everything(params.seed)
     model = DeepSeekLM(config)
     counts = model.parameter_counts()
-    click.echo(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token; "
-               f"{train_params.max_steps} steps of {train_params.tokens_per_step:,} tokens")
-
-    fingerprint = run_fingerprint(config.to_dict(), vars(train_params), seed, meta, stats.get("sha256"), code_version())
+    click.echo(
+        f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token; "
+        f"{params.train.max_steps} steps of {params.train.tokens_per_step:,} tokens"
+    )
+    fingerprint = run_fingerprint(
+        config.to_dict(), vars(params.train), params.seed, meta, stats.get("sha256"), code_version()
+    )
     resume = find_resume_point(model_dir / "checkpoints", fingerprint)
-    if not distributed.is_main():
-        run = tracking.Run(None, None)  # only rank 0 tracks and writes files
-    elif resume is not None and resume.info.get("mlflow_run_id"):
-        run = tracking.Run.attach(resume.info["mlflow_run_id"])  # an interrupted run goes on in the same MLflow run
-    else:
-        # The model section as it resolved (its nulls are the preset's values), so runs compare by what they trained.
-        logged = params.values | {"model": {"preset": params.model.preset, **config.to_dict()}}
-        # Parameter counts are facts of the model, tags rather than metrics: MLflow's comparison plots the first
-        # metric a run logged, which is then the training loss.
-        tags = _run_tags(stats) | {f"model.parameters.{k}": str(v) for k, v in counts.items()}
-        run = tracking.Run.start(params=logged, tags=tags)
-        run.log_dataset(stats, source=_corpus_uri(params.data))
-        run.log_artifact(params_path)
-        run.log_artifact(tokenizer_dir, "tokenizer")
+    run = _tracking_run(params, config.to_dict(), counts, stats, resume, params_path, tokenizer_dir)
     if distributed.is_main():
         run.write_run_file(reports_dir / tracking.RUN_FILE)
 
-    sampler = Sampler(encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-                      decode=tokenizer.decode, prompt=train_params.sample_prompt,
-                      max_new_tokens=train_params.sample_tokens, seed=seed)
+    sample = params.sample
+    sampler = Sampler(
+        encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        decode=lambda ids: str(tokenizer.decode(ids)),
+        prompt=sample.prompts[0],
+        max_new_tokens=sample.max_new_tokens,
+        temperature=sample.temperature,
+        top_k=sample.top_k,
+        top_p=sample.top_p,
+        seed=sample.seed,
+    )
+    trainer = Trainer(
+        model,
+        params.train,
+        params.seed,
+        TrainOutputs(model_dir / "checkpoints", reports_dir),
+        sampler=sampler,
+        sinks=[run],
+        checkpoint_info={"fingerprint": fingerprint, "mlflow_run_id": run.run_id},
+    )
+    if resume is not None:
+        trainer.resume(resume)
     try:
-        metrics = run_training(model, train_params, train_tokens, val_tokens, seed,
-                               TrainOutputs(model_dir / "checkpoints", reports_dir), sampler=sampler, sinks=[run],
-                               resume=resume, checkpoint_info={"fingerprint": fingerprint, "mlflow_run_id": run.run_id})
+        metrics = trainer.fit(load_tokens(tokens_dir, "train"), load_tokens(tokens_dir, "val"))
     except TrainingStopped as stopped:
         run.finish("KILLED")
         click.echo(str(stopped) if stopped.by_signal else f"Error: {stopped}", err=True)
         sys.exit(stopped.exit_code)
-    except ValueError as error:  # e.g. a split too short for the sequence length, or no CUDA device
-        run.finish("FAILED")
-        raise UserError(str(error)) from None
     except BaseException:
         run.finish("FAILED")
         raise
+    if distributed.is_main():
+        _save_outputs(model, metrics | {"parameters": counts}, run, params, model_dir, tokenizer_dir, reports_dir)
 
+
+def _tracking_run(
+    params: Params,
+    model_config: dict,
+    counts: dict[str, int],
+    stats: dict,
+    resume: ResumePoint | None,
+    params_path: str,
+    tokenizer_dir: Path,
+) -> tracking.Run:
+    """The MLflow run: the interrupted one a resumed training goes on in, or a new one with params, tags,
+    the dataset and the tokenizer."""
     if not distributed.is_main():
-        return
+        return tracking.Run(None, None)  # only rank 0 tracks and writes files
+    if resume is not None and resume.info.get("mlflow_run_id"):
+        return tracking.Run.attach(resume.info["mlflow_run_id"])
+    # The model section as it resolved (its nulls are the preset's values), so runs compare by what they trained.
+    logged = params.values | {"model": {"preset": params.model.preset, **model_config}}
+    # Parameter counts are facts of the model, tags rather than metrics: MLflow's comparison plots the first
+    # metric a run logged, which is then the training loss.
+    tags = _run_tags(stats) | {f"model.parameters.{k}": str(v) for k, v in counts.items()}
+    run = tracking.Run.start(params=logged, tags=tags)
+    run.log_dataset(stats, source=_corpus_uri(params.data))
+    run.log_artifact(params_path)
+    run.log_artifact(tokenizer_dir, "tokenizer")
+    return run
+
+
+def _save_outputs(
+    model: DeepSeekLM,
+    summary: dict,
+    run: tracking.Run,
+    params: Params,
+    model_dir: Path,
+    tokenizer_dir: Path,
+    reports_dir: Path,
+) -> None:
+    """model/final, the training summary, and their copies in MLflow: artifacts and a registered model."""
     final_dir = save_model(model, model_dir / "final", tokenizer_dir=tokenizer_dir)
-    write_json(reports_dir / "train_summary.json", {**metrics, "parameters": counts})
-    run.log_metrics({f"final.{k}": v for k, v in metrics.items()})
+    write_json(reports_dir / "train_summary.json", summary)
+    run.log_metrics({f"final.{k}": v for k, v in summary.items() if k != "parameters"})
     run.log_artifact(final_dir, "checkpoint")  # the same bytes as the DVC-tracked model/final
     for checkpoint in list_checkpoints(model_dir / "checkpoints"):
         for name in (WEIGHTS, CONFIG, INFO):
             run.log_artifact(checkpoint / name, f"checkpoints/{checkpoint.name}")
-    tracking.log_model(run, final_dir, mlflow_params.model_name if mlflow_params.register_model else None,
-                       mlflow_params.alias)
+    mlflow = params.mlflow
+    tracking.log_model(run, final_dir, mlflow.model_name if mlflow.register_model else None, mlflow.alias)
     run.finish()
-    click.echo(f"done: train loss {metrics['train_loss']:.4f}, sampled val loss {metrics['val_loss_sampled']:.4f}; "
-               f"model in {final_dir}" + (f"; MLflow run {run.run_id}" if run.active else ""))
+    click.echo(
+        f"done: train loss {summary['train_loss']:.4f}, sampled val loss {summary['val_loss_sampled']:.4f}; "
+        f"model in {final_dir}" + (f"; MLflow run {run.run_id}" if run.active else "")
+    )
 
 
 def _corpus_uri(data: DataParams) -> str:
@@ -120,9 +189,12 @@ def _corpus_uri(data: DataParams) -> str:
 
 
 def _run_tags(stats: dict) -> dict[str, str]:
-    return {**tracking.git_state(), "data_sha256": stats.get("sha256", "unknown"),
-            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-            "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+    return {
+        **tracking.git_state(),
+        "data_sha256": stats.get("sha256", "unknown"),
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+    }
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from deepseek import DeepSeekLM, ModelConfig
+from deepseek.config import ModelConfig
+from deepseek.model import DeepSeekLM
 
 
 def randomized(model: DeepSeekLM, seed: int = 0) -> DeepSeekLM:

@@ -1,6 +1,8 @@
 """A real `mlflow server` subprocess for tests."""
+
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -32,13 +34,33 @@ class MlflowServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         # --artifacts-destination: artifacts are proxied through the server (mlflow-artifacts:/ URIs), so clients
         # upload over HTTP and need no access to the server's disk.
-        args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                "--workers", "1", "--backend-store-uri", self.backend_uri,
-                "--artifacts-destination", str(self.store_dir / "artifacts")]
+        args = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--artifacts-destination",
+            str(self.store_dir / "artifacts"),
+        ]
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}  # the server phones nobody from a test
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(args, cwd=self.store_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = subprocess.Popen(
+                args,
+                cwd=self.store_dir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -57,10 +79,8 @@ class MlflowServer:
         """SIGKILL the whole process group: no clean shutdown, as in a crash."""
         if self.process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
@@ -72,10 +92,8 @@ class MlflowServer:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
                 break
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
@@ -86,8 +104,12 @@ class MlflowServer:
             return json.loads(r.read())
 
     def post(self, endpoint: str, body: dict) -> dict:
-        request = urllib.request.Request(f"{self.url}{endpoint}", data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.url}{endpoint}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=30) as r:
             return json.loads(r.read())
 

@@ -1,4 +1,5 @@
 """A tiny copy of this project as a git + DVC repository, for end-to-end tests."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from deepseek.params import load_yaml
+from stages.params import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # The real corpus: where the README puts it (data/input-1.txt), else in shared/ beside the checkout, as CI has it.
@@ -21,28 +22,50 @@ STAGES = ("prepare", "tokenize", "train", "evaluate", "sample")
 
 TINY_PARAMS = {
     "model": {"preset": "tiny"},
-    "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum_steps": 2, "seq_len": 32, "lr": 3e-3,
-              "warmup_steps": 2, "log_interval": 2, "eval_interval": 3, "eval_batches": 2, "sample_interval": 6,
-              "sample_tokens": 10, "checkpoint_interval": 3, "keep_checkpoints": 2},
+    "train": {
+        "max_steps": 6,
+        "micro_batch_size": 4,
+        "grad_accum_steps": 2,
+        "seq_len": 32,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "log_interval": 2,
+        "eval_interval": 3,
+        "eval_batches": 2,
+        "sample_interval": 6,
+        "checkpoint_interval": 3,
+        "keep_checkpoints": 2,
+    },
     "evaluate": {"batch_size": 32},
     "sample": {"max_new_tokens": 12},
 }
 
 
 def tiny_corpus() -> str:
-    lines = [f"{name}:\nWhat say you, {other}? The {thing} is {mood} tonight.\n"
-             for name, other, thing, mood in zip(["ROMEO", "JULIET", "HAMLET", "OPHELIA"] * 150,
-                                                 ["sir", "madam", "good friend", "my lord"] * 150,
-                                                 ["moon", "sea", "crown", "rose", "storm"] * 120,
-                                                 ["fair", "cold", "heavy", "sweet", "wild", "still"] * 100)]
+    lines = [
+        f"{name}:\nWhat say you, {other}? The {thing} is {mood} tonight.\n"
+        for name, other, thing, mood in zip(  # noqa: B905 - equal lengths by construction
+            ["ROMEO", "JULIET", "HAMLET", "OPHELIA"] * 150,
+            ["sir", "madam", "good friend", "my lord"] * 150,
+            ["moon", "sea", "crown", "rose", "storm"] * 120,
+            ["fair", "cold", "heavy", "sweet", "wild", "still"] * 100,
+        )
+    ]
     return "\n".join(lines)
 
 
 def pipeline_env() -> dict[str, str]:
     """The environment for git and DVC commands: an identity for commits, no bytecode in code dependencies."""
-    return {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -90,3 +113,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def stage_workspace(path: Path, monkeypatch, **train) -> Path:
+    """A directory with tiny params (a char tokenizer) and the prepare and tokenize outputs, ready for
+    `python -m stages.train`; the test's working directory becomes it."""
+    from click.testing import CliRunner
+
+    from stages.prepare import prepare
+    from stages.tokenize import tokenize
+
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "params.yaml", path / "params.yaml")
+    set_params(path, **TINY_PARAMS)
+    set_params(path, train=train, tokenizer={"kind": "char"}, data={"sha256": write_tiny_corpus(path)})
+    monkeypatch.chdir(path)
+    for command in (prepare, tokenize):
+        result = CliRunner().invoke(command, [])
+        assert result.exit_code == 0, result.output
+    return path

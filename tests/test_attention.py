@@ -3,9 +3,11 @@ import math
 import pytest
 import torch
 
-from conftest import randomized
-from deepseek import DeepSeekLM, ModelConfig
+from deepseek.config import ModelConfig
 from deepseek.layers import apply_rope
+from deepseek.model import DeepSeekLM
+
+from conftest import randomized
 
 
 def reference_mla(attn, x, cos, sin):
@@ -18,10 +20,10 @@ def reference_mla(attn, x, cos, sin):
     k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)
     heads = []
     for h in range(attn.num_heads):
-        q_rope = apply_rope(q[:, :, h:h + 1, attn.nope_dim:], cos, sin)[:, :, 0]
-        q_h = torch.cat((q[:, :, h, :attn.nope_dim], q_rope), -1)
-        k_h = torch.cat((kv[:, :, h, :attn.nope_dim], k_rope[:, :, 0]), -1)
-        v_h = kv[:, :, h, attn.nope_dim:]
+        q_rope = apply_rope(q[:, :, h : h + 1, attn.nope_dim :], cos, sin)[:, :, 0]
+        q_h = torch.cat((q[:, :, h, : attn.nope_dim], q_rope), -1)
+        k_h = torch.cat((kv[:, :, h, : attn.nope_dim], k_rope[:, :, 0]), -1)
+        v_h = kv[:, :, h, attn.nope_dim :]
         scores = q_h @ k_h.transpose(1, 2) / math.sqrt(attn.nope_dim + attn.rope_dim)
         scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
         heads.append(scores.softmax(-1) @ v_h)
@@ -58,7 +60,7 @@ def test_latent_cache_decoding_equals_full_forward(q_lora_rank):
     with torch.no_grad():
         full = model(ids).logits
         steps = [model(ids[:, :16], cache=cache).logits, model(ids[:, 16:24], cache=cache).logits]  # prompt chunks
-        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(24, 88)]  # 64 single-token steps
+        steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(24, 88)]  # 64 single-token steps
     assert cache.length == 88
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 

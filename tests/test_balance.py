@@ -4,8 +4,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deepseek import DeepSeekLM, ModelConfig
 from deepseek.balance import balance_report, max_violation
+from deepseek.config import ModelConfig
+from deepseek.model import DeepSeekLM
+from deepseek.trainer import global_expert_loads
 
 
 def skewed_model(rate: float = 1e-3) -> DeepSeekLM:
@@ -85,13 +87,14 @@ def _distributed_update(rank: int, world: int, port: int, results) -> None:
     model = skewed_model(rate=0.5).train()
     for moe in model.moe_layers():  # each rank saw different tokens
         moe.pending_load.copy_(torch.arange(8.0) * (rank + 1) if rank == 0 else torch.arange(8.0).flip(0) * 3)
-    model.update_expert_bias()
+    model.update_expert_bias(global_expert_loads(model))  # what Trainer.train_step does
     results[rank] = torch.stack([moe.gate.expert_bias for moe in model.moe_layers()])
     dist.destroy_process_group()
 
 
 def test_loads_are_summed_across_processes():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

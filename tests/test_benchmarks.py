@@ -1,4 +1,5 @@
 """Smoke tests: each benchmark script runs on the tiny preset and prints its tables. Speed is never asserted."""
+
 import importlib
 import json
 
@@ -30,7 +31,7 @@ def run(monkeypatch, tmp_path):
 def markdown_tables(text: str) -> list[list[list[str]]]:
     """Each Markdown table in text as rows of cells, header first, the alignment rule left out."""
     tables, current = [], []
-    for line in text.splitlines() + [""]:
+    for line in [*text.splitlines(), ""]:
         if line.startswith("|"):
             cells = [cell.strip() for cell in line.strip("|").split("|")]
             if not all(set(cell) <= set("-:") for cell in cells):
@@ -48,11 +49,12 @@ def number(cell: str) -> float:
 def test_train_throughput_reports_both_implementations(run):
     from benchmarks.train_throughput import COLUMNS
 
-    tables, data = run("train_throughput", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16",
-                       "--steps", "1", "--warmup", "0")
+    tables, data = run(
+        "train_throughput", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--warmup", "0"
+    )
     [[header, row]] = tables
     assert header == COLUMNS
-    cells = dict(zip(header, row))
+    cells = dict(zip(header, row, strict=True))
     assert cells["preset"] == "tiny" and cells["ours MFU %"] == "n/a"  # no known peak for a CPU
     for column in ("GFLOP/token", "ours tok/s", "transformers tok/s", "ours / transformers"):
         assert number(cells[column]) > 0
@@ -63,8 +65,20 @@ def test_train_throughput_reports_both_implementations(run):
 
 @pytest.mark.slow  # compiles both models: about a minute on two cores
 def test_train_throughput_compiles_both_models(run):
-    _, data = run("train_throughput", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1",
-                  "--warmup", "1", "--compile")
+    _, data = run(
+        "train_throughput",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--compile",
+    )
     [result] = data["train_throughput"]
     assert result["ours tok/s"] > 0 and result["transformers tok/s"] > 0
 
@@ -72,8 +86,9 @@ def test_train_throughput_compiles_both_models(run):
 def test_generation_reports_every_variant_and_the_cache_sizes(run):
     from benchmarks.generation import CACHE_COLUMNS, COLUMNS, VARIANTS
 
-    tables, data = run("generation", "--preset", "tiny", "--contexts", "8,32", "--new-tokens", "4",
-                       "--no-cache-max-context", "8")
+    tables, data = run(
+        "generation", "--preset", "tiny", "--contexts", "8,32", "--new-tokens", "4", "--no-cache-max-context", "8"
+    )
     (header, *rows), (cache_header, cache_row) = tables
     assert header == COLUMNS and cache_header == CACHE_COLUMNS
     assert [(row[0], row[2]) for row in rows] == [(context, variant) for context in ("8", "32") for variant in VARIANTS]
@@ -92,8 +107,9 @@ def test_generation_reports_every_variant_and_the_cache_sizes(run):
 def test_memory_reports_training_and_generation(run):
     from benchmarks.memory import COLUMNS
 
-    tables, data = run("memory", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--context", "16",
-                       "--new-tokens", "4")
+    tables, data = run(
+        "memory", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--context", "16", "--new-tokens", "4"
+    )
     [[header, *rows]] = tables
     assert header == COLUMNS
     assert [row[0] for row in rows] == ["training step", "generate"]

@@ -1,4 +1,5 @@
 """train.compile: a torch.compile'd training forward follows the eager one."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -7,22 +8,31 @@ import numpy as np
 import pytest
 import torch
 
-from deepseek import DeepSeekLM, ModelConfig
-from deepseek.params import TrainParams
-from deepseek.trainer import TrainOutputs, train
+from deepseek.config import ModelConfig, TrainConfig
+from deepseek.model import DeepSeekLM
+from deepseek.trainer import Trainer, TrainOutputs
 
 
 @pytest.mark.slow  # compiling takes about half a minute on two cores
 def test_compiled_training_matches_eager_training(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 65, 5000).astype(np.uint16)
-    params = TrainParams(max_steps=4, micro_batch_size=4, grad_accum_steps=2, seq_len=32, log_interval=1,
-                         eval_interval=4, eval_batches=1, checkpoint_interval=100, sample_interval=100)
+    params = TrainConfig(
+        max_steps=4,
+        micro_batch_size=4,
+        grad_accum_steps=2,
+        seq_len=32,
+        log_interval=1,
+        eval_interval=4,
+        eval_batches=1,
+        checkpoint_interval=100,
+        sample_interval=100,
+    )
     trained = {}
     for compiled in (False, True):
         torch.manual_seed(0)
         model = DeepSeekLM(ModelConfig.from_preset("tiny"))
-        metrics = train(model, replace(params, compile=compiled), tokens, tokens, 0,
-                        TrainOutputs(tmp_path / f"ck{compiled}", tmp_path / f"rep{compiled}"))
+        outputs = TrainOutputs(tmp_path / f"ck{compiled}", tmp_path / f"rep{compiled}")
+        metrics = Trainer(model, replace(params, compile=compiled), 0, outputs).fit(tokens, tokens)
         trained[compiled] = metrics, model.state_dict()
     (eager_metrics, eager_state), (compiled_metrics, compiled_state) = trained[False], trained[True]
     for key in ("train_loss", "val_loss_sampled"):

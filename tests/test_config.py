@@ -2,26 +2,30 @@ import json
 
 import pytest
 
-from deepseek import PRESETS, DeepSeekLM, ModelConfig
+from deepseek.config import PRESETS, ModelConfig
+from deepseek.model import DeepSeekLM
 
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(num_experts_per_tok=9, num_routed_experts=8), "num_experts_per_tok"),
-    (dict(n_group=2, topk_group=3), "topk_group"),
-    (dict(n_group=3, num_routed_experts=8), "n_group"),
-    (dict(n_group=4, topk_group=1, num_routed_experts=8, num_experts_per_tok=3), "num_experts_per_tok"),
-    (dict(hidden_size=0), "hidden_size"),
-    (dict(num_heads=-2), "num_heads"),
-    (dict(kv_lora_rank=0), "kv_lora_rank"),
-    (dict(q_lora_rank=-1), "q_lora_rank"),
-    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
-    (dict(score_func="relu"), "score_func"),
-    (dict(first_k_dense_layers=5, num_layers=4), "first_k_dense_layers"),
-    (dict(bias_update_rate=-1e-3), "bias_update_rate"),
-    (dict(vocab_size=65.5), "vocab_size"),
-    (dict(rms_norm_eps=0), "rms_norm_eps"),
-    (dict(tie_embeddings="yes"), "tie_embeddings"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(num_experts_per_tok=9, num_routed_experts=8), "num_experts_per_tok"),
+        (dict(n_group=2, topk_group=3), "topk_group"),
+        (dict(n_group=3, num_routed_experts=8), "n_group"),
+        (dict(n_group=4, topk_group=1, num_routed_experts=8, num_experts_per_tok=3), "num_experts_per_tok"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(num_heads=-2), "num_heads"),
+        (dict(kv_lora_rank=0), "kv_lora_rank"),
+        (dict(q_lora_rank=-1), "q_lora_rank"),
+        (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+        (dict(score_func="relu"), "score_func"),
+        (dict(first_k_dense_layers=5, num_layers=4), "first_k_dense_layers"),
+        (dict(bias_update_rate=-1e-3), "bias_update_rate"),
+        (dict(vocab_size=65.5), "vocab_size"),
+        (dict(rms_norm_eps=0), "rms_norm_eps"),
+        (dict(tie_embeddings="yes"), "tie_embeddings"),
+    ],
+)
 def test_impossible_config_names_the_field(changes, field):
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
         ModelConfig(**changes)
@@ -47,6 +51,7 @@ def test_unknown_preset_lists_choices():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_builds_on_meta(name):
     import torch
+
     with torch.device("meta"):
         model = DeepSeekLM(ModelConfig.from_preset(name))
     assert model.parameter_counts()["total"] > 0

@@ -1,4 +1,5 @@
 """Data-parallel training with torchrun (gloo, CPU) matches one process with the same global batch."""
+
 import csv
 import subprocess
 import sys
@@ -19,12 +20,25 @@ def losses(out: Path) -> list[float]:
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     subprocess.run([sys.executable, str(WORKER), str(single), "4"], check=True, capture_output=True)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(WORKER), str(ddp), "2"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(WORKER),
+            str(ddp),
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     assert len(losses(ddp)) == 6
-    assert max(abs(a - b) for a, b in zip(losses(ddp), losses(single))) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(losses(ddp), losses(single), strict=True)) <= 1e-5
     ranks = [torch.load(ddp / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     one = torch.load(single / "rank0.pt", weights_only=True)
     assert torch.equal(ranks[0]["biases"], ranks[1]["biases"])  # the same balancing update everywhere

@@ -5,6 +5,7 @@ Two commands are run by CI itself rather than here: the README's install command
 which must appear verbatim in .ci/run. Commands that train run with tiny settings: the tiny repository's
 params, plus the adjustments in TINY below, each named with its reason.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,15 +21,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepseek import DeepSeekLM, ModelConfig
+from deepseek.config import ModelConfig
+from deepseek.model import DeepSeekLM
+
 from pipeline_utils import ROOT, free_port, make_pipeline_repo, pipeline_env, tiny_corpus
 from pipeline_utils import run as git_run
 
 README = ROOT / "README.md"
 # In the order a reader meets them: the README first; the benchmarks last, since they only read.
-DOC_FILES = [README, *(ROOT / "docs" / name for name in ("pipeline.md", "tracking.md", "ci.md", "model.md",
-                                                         "operations.md", "benchmarks.md")),
-             ROOT / "benchmarks" / "README.md"]
+DOC_FILES = [
+    README,
+    *(
+        ROOT / "docs" / name
+        for name in ("pipeline.md", "tracking.md", "ci.md", "model.md", "operations.md", "benchmarks.md")
+    ),
+    ROOT / "benchmarks" / "README.md",
+]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes; the tiny preset, seconds
     "train_throughput": "--preset tiny --batch-size 2 --seq-len 16 --steps 1 --warmup 0",
@@ -80,6 +88,7 @@ RUN_BY_CI = {re.sub(r"\s+#\s.*$", "", line) for line in quickstart()}
 
 # --- fast checks ------------------------------------------------------------------------------------------------
 
+
 def test_ci_runs_the_readme_install_and_test_commands_verbatim():
     ci_lines = {line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()}
     for command in RUN_BY_CI:
@@ -108,8 +117,9 @@ def test_every_test_named_in_the_bad_input_table_exists():
 
 def test_preset_table_gives_the_counts_of_the_model_built():
     """docs/model.md's parameter counts, per preset and vocabulary, equal DeepSeekLM.parameter_counts()."""
-    rows = re.findall(r"^\| `(\w+)`[^|]*\| ([\d,]+)[^|]*\|(.*)\|$", (ROOT / "docs" / "model.md").read_text(),
-                      re.MULTILINE)
+    rows = re.findall(
+        r"^\| `(\w+)`[^|]*\| ([\d,]+)[^|]*\|(.*)\|$", (ROOT / "docs" / "model.md").read_text(), re.MULTILINE
+    )
     assert [preset for preset, _, _ in rows] == ["tiny", "cpu", "seed"]
     for preset, vocab, cells in rows:
         with torch.device("meta"):
@@ -124,6 +134,7 @@ def test_preset_table_gives_the_counts_of_the_model_built():
 
 
 # --- running them -----------------------------------------------------------------------------------------------
+
 
 class DocRunner:
     """Runs documented commands in a tiny pipeline repository, as a reader would, one after another."""
@@ -148,8 +159,9 @@ class DocRunner:
         if code.startswith(("mlflow ui", "mlflow server")):
             self.serve(code)
             return
-        result = subprocess.run(["bash", "-c", code], cwd=self.repo, env=self.env, capture_output=True, text=True,
-                                timeout=900)
+        result = subprocess.run(
+            ["bash", "-c", code], cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=900
+        )
         output = result.stdout + result.stderr
         if "see it fail" in command.text:
             assert result.returncode != 0, f"{command.doc.name}: expected to fail: {code}\n{output}"
@@ -165,8 +177,14 @@ class DocRunner:
         """A server command runs until it answers on its port, then stops."""
         port = free_port()
         code = re.sub(r"--port \d+", f"--port {port}", code)
-        server = subprocess.Popen(["bash", "-c", f"exec {code}"], cwd=self.repo, env=self.env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            ["bash", "-c", f"exec {code}"],
+            cwd=self.repo,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 120
             while True:
@@ -185,8 +203,9 @@ class DocRunner:
     def wait_for_queue(self) -> None:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
-            status = subprocess.run(["dvc", "queue", "status"], cwd=self.repo, env=self.env, capture_output=True,
-                                    text=True).stdout
+            status = subprocess.run(
+                ["dvc", "queue", "status"], cwd=self.repo, env=self.env, capture_output=True, text=True
+            ).stdout
             if not re.search(r"\b(Queued|Running)\b", status):
                 assert "Failed" not in status, status
                 return
@@ -196,8 +215,9 @@ class DocRunner:
     def run_python(self, path: Path) -> None:
         """A page's Python snippets, in order, in one interpreter, as a reader pasting them would."""
         code = "\n".join(python_snippets(path))
-        result = subprocess.run([sys.executable, "-c", code], cwd=self.repo, env=self.env, capture_output=True,
-                                text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, f"{path.name}'s Python:\n{result.stderr[-4000:]}"
 
 
@@ -211,8 +231,8 @@ def check_exp_show(output: str) -> None:
 
 @pytest.mark.slow
 def test_every_documented_command_runs(tmp_path):
-    from deepseek.params import TokenizerParams
-    from deepseek.tokenizer import build_tokenizer
+    from stages.params import TokenizerParams
+    from stages.tokenizer import build_tokenizer
 
     # The project as a reader clones it: the pipeline run and committed (dvc.lock, reports), on tiny params.
     origin = make_pipeline_repo(tmp_path / "origin")

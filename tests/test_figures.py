@@ -1,12 +1,13 @@
 """The evaluate stage's figures, drawn from the train stage's loss logs as they are written to disk."""
+
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from deepseek import figures
 from deepseek.trainer import History
+from stages import figures
 from stages.evaluate import _read_csv
 
 
@@ -21,11 +22,14 @@ def drawn(monkeypatch):
 
 
 def test_loss_curves_plot_steps_as_numbers_on_an_integer_axis(tmp_path, drawn):
-    history = History(train=[{"step": s, "loss": 5 - s / 100, "accuracy": 0.1} for s in range(10, 610, 10)],
-                      val=[{"step": s, "val_loss_sampled": 5 - s / 120} for s in range(100, 700, 100)])
+    history = History(
+        train=[{"step": s, "loss": 5 - s / 100, "accuracy": 0.1} for s in range(10, 610, 10)],
+        val=[{"step": s, "val_loss_sampled": 5 - s / 120} for s in range(100, 700, 100)],
+    )
     history.write(tmp_path)  # the CSV files evaluate reads back
-    figures.loss_curves(_read_csv(tmp_path / "train_log.csv"), _read_csv(tmp_path / "val_log.csv"), 3.4,
-                        tmp_path / "loss.png")
+    figures.loss_curves(
+        _read_csv(tmp_path / "train_log.csv"), _read_csv(tmp_path / "val_log.csv"), 3.4, tmp_path / "loss.png"
+    )
     (ax,) = drawn[0].axes
     ticks = [tick for tick in ax.get_xticks() if ax.get_xlim()[0] <= tick <= ax.get_xlim()[1]]
     # Steps read as strings would be categories: one tick per logged step, 60 overlapping labels.

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from conftest import randomized
-from deepseek import DeepSeekLM, ModelConfig
+from deepseek.config import ModelConfig
 from deepseek.generate import generate, sample_next
+from deepseek.model import DeepSeekLM
+
+from conftest import randomized
 
 
 @pytest.fixture
@@ -20,15 +22,36 @@ def test_greedy_with_cache_equals_recomputing_everything(model):
     assert torch.equal(cached[:, :5], prompt)
 
 
-def test_generation_runs_past_the_context_window(model):
-    out = generate(model, torch.randint(0, 65, (1, 40)), max_new_tokens=30, temperature=0)
-    assert out.shape == (1, 70)
+def windowed_greedy(model: DeepSeekLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding with generate's rule for long contexts, by full forwards and no cache: the context is
+    at most the last max_seq_len tokens, and when a full window has been read it restarts from the most
+    recent half window."""
+    window, tokens = model.config.max_seq_len, prompt
+    start = max(0, prompt.shape[1] - window)
+    with torch.no_grad():
+        for step in range(new_tokens):
+            if tokens.shape[1] - 1 - start == window and step > 0:  # the cache would be full: rebuild it
+                start = tokens.shape[1] - window // 2
+            next_token = model(tokens[:, start:]).logits[:, -1].argmax(dim=-1, keepdim=True)
+            tokens = torch.cat((tokens, next_token), dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("prompt_len", [5, 40, 60])
+def test_generation_past_the_context_window_rebuilds_the_cache_from_the_last_half_window(model, prompt_len):
+    model.eval()
+    prompt = torch.randint(0, 65, (1, prompt_len))
+    out = generate(model, prompt, max_new_tokens=70, temperature=0)
+    assert out.shape == (1, prompt_len + 70)  # past max_seq_len (48), twice
+    assert torch.equal(out, windowed_greedy(model, prompt, 70))
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator(model):
     prompt = torch.randint(0, 65, (1, 4))
-    runs = [generate(model, prompt, 20, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(7))
-            for _ in range(2)]
+    runs = [
+        generate(model, prompt, 20, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
     assert torch.equal(*runs)
 
 

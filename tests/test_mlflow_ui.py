@@ -4,6 +4,7 @@ Needs Debian's Chromium (`apt-get install -y chromium`) and Playwright's Python 
 Playwright's own browser download (`playwright install`) is not used. MLFLOW_UI_SCREENSHOT=path keeps a copy of
 the screenshot of the comparison.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,8 +22,16 @@ RUNS = {  # run name -> (train.lr, loss by step, val.bits_per_character)
     "lr-high": (3e-3, [3.0, 2.5, 2.1], 1.05),
     "lr-low": (1e-3, [3.1, 2.8, 2.6], 1.30),
 }
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--no-default-browser-check"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--no-default-browser-check",
+]
 TIMEOUT_MS = 60_000  # for any one element to show up; two busy cores render the UI slowly
 
 
@@ -33,8 +42,9 @@ def browser_tools():
         sync_api = importlib.import_module("playwright.sync_api")
     except ImportError:
         sync_api = None
-    missing = ([] if sync_api else ["Playwright's Python package: pip install playwright (no `playwright install`)"]) \
-        + ([] if chromium else ["Chromium: apt-get install -y chromium (Debian; gives /usr/bin/chromium)"])
+    missing = (
+        [] if sync_api else ["Playwright's Python package: pip install playwright (no `playwright install`)"]
+    ) + ([] if chromium else ["Chromium: apt-get install -y chromium (Debian; gives /usr/bin/chromium)"])
     if missing:
         pytest.fail("the MLflow UI test needs " + " and ".join(missing), pytrace=False)
     return sync_api, chromium
@@ -44,7 +54,7 @@ def create_runs(store_dir: Path, monkeypatch) -> None:
     """Two runs of the pipeline's experiment, through the pipeline's own tracking code, in a SQLite store."""
     import mlflow
 
-    from deepseek.tracking import Run
+    from stages.tracking import Run
 
     store_dir.mkdir(parents=True)
     monkeypatch.setenv("DVC_ROOT", str(store_dir))  # tracking's lock file and artifact root go there, not the repo
@@ -53,11 +63,14 @@ def create_runs(store_dir: Path, monkeypatch) -> None:
         for name, (lr, losses, bits) in RUNS.items():
             monkeypatch.setenv("DVC_EXP_NAME", name)
             # What the train stage logs, in its order: params, tags, the dataset, then metrics step by step.
-            run = Run.start(params={"model": {"preset": "tiny"}, "train": {"lr": lr, "max_steps": len(losses)}},
-                            tags={"dvc_exp_name": name, "model.parameters.total": "23968"})
+            run = Run.start(
+                params={"model": {"preset": "tiny"}, "train": {"lr": lr, "max_steps": len(losses)}},
+                tags={"dvc_exp_name": name, "model.parameters.total": "23968"},
+            )
             assert run.active, "tracking into a SQLite store failed"
-            run.log_dataset({"source": "shakespeare", "sha256": "94d71b2e6a4c", "characters": 30_000},
-                            source="data/input-1.txt")
+            run.log_dataset(
+                {"source": "shakespeare", "sha256": "94d71b2e6a4c", "characters": 30_000}, source="data/input-1.txt"
+            )
             for step, loss in enumerate(losses, 1):
                 run.log_metrics({"loss": loss, "accuracy": 0.1 * step}, step=step)
             run.log_metrics({"val.bits_per_character": bits}, step=len(losses))
@@ -86,8 +99,9 @@ def test_mlflow_ui_compares_two_runs(tmp_path, monkeypatch):
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 900})
             # Only the server answers: the UI's telemetry, fonts or anything else remote is cut off.
-            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.url)
-                          else route.abort())
+            context.route(
+                "**/*", lambda route: route.continue_() if route.request.url.startswith(server.url) else route.abort()
+            )
             page = context.new_page()
             page.set_default_timeout(TIMEOUT_MS)
             expect = sync_api.expect

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepseek import ModelConfig, MoE
+from deepseek.config import ModelConfig
+from deepseek.moe import MoE
 
 
 def reference_moe(moe: MoE, config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
@@ -15,15 +16,15 @@ def reference_moe(moe: MoE, config: ModelConfig, x: torch.Tensor) -> torch.Tenso
         choice = scores + moe.gate.expert_bias
         allowed = list(range(config.num_routed_experts))
         if config.n_group > 1:
-            groups = [choice[g * per_group:(g + 1) * per_group] for g in range(config.n_group)]
+            groups = [choice[g * per_group : (g + 1) * per_group] for g in range(config.n_group)]
             group_score = [sorted(g.tolist(), reverse=True)[:2] for g in groups]
-            best = sorted(range(config.n_group), key=lambda g: -sum(group_score[g]))[:config.topk_group]
+            best = sorted(range(config.n_group), key=lambda g: -sum(group_score[g]))[: config.topk_group]
             allowed = [e for e in allowed if e // per_group in best]
-        chosen = sorted(allowed, key=lambda e: -choice[e].item())[:config.num_experts_per_tok]
+        chosen = sorted(allowed, key=lambda e: -choice[e].item())[: config.num_experts_per_tok]
         weights = scores[chosen]
         if config.score_func == "sigmoid":
             weights = weights / weights.sum()
-        for w, e in zip(weights * config.routed_scaling_factor, chosen):
+        for w, e in zip(weights * config.routed_scaling_factor, chosen, strict=True):
             gate, up = (moe.experts.gate_up_proj[e] @ x[t]).chunk(2)
             out[t] += w * (moe.experts.down_proj[e] @ (F.silu(gate) * up))
         if moe.shared_experts is not None:
@@ -31,13 +32,16 @@ def reference_moe(moe: MoE, config: ModelConfig, x: torch.Tensor) -> torch.Tenso
     return out
 
 
-@pytest.mark.parametrize("changes", [
-    dict(),
-    dict(score_func="softmax", num_shared_experts=0),
-    dict(num_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5),
-    dict(num_shared_experts=2, num_experts_per_tok=1),
-    dict(moe_intermediate_size=6),  # 24-byte rows: experts run one matmul each instead of grouped_mm
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(),
+        dict(score_func="softmax", num_shared_experts=0),
+        dict(num_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5),
+        dict(num_shared_experts=2, num_experts_per_tok=1),
+        dict(moe_intermediate_size=6),  # 24-byte rows: experts run one matmul each instead of grouped_mm
+    ],
+)
 def test_moe_matches_per_token_reference(changes):
     config = ModelConfig.from_preset("tiny", **changes)
     moe = MoE(config)
@@ -125,5 +129,5 @@ def test_grouped_linear_matches_a_matmul_per_expert_with_empty_experts(dim, grou
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (x, weight), grad)
     want = torch.autograd.grad(expected, (x, weight), grad)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)

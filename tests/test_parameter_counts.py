@@ -1,14 +1,21 @@
 import torch
 
-from deepseek import DeepSeekLM, ModelConfig
+from deepseek.config import ModelConfig
+from deepseek.model import DeepSeekLM
 
 
 def expected_counts(c: ModelConfig) -> dict[str, int]:
     """Parameter counts written out from the architecture, independently of the module tree."""
-    q = (c.hidden_size * c.num_heads * c.qk_head_dim if c.q_lora_rank == 0 else
-         c.hidden_size * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * c.num_heads * c.qk_head_dim)
-    kv = (c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
-          + c.kv_lora_rank * c.num_heads * (c.qk_nope_head_dim + c.v_head_dim))
+    q = (
+        c.hidden_size * c.num_heads * c.qk_head_dim
+        if c.q_lora_rank == 0
+        else c.hidden_size * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * c.num_heads * c.qk_head_dim
+    )
+    kv = (
+        c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim)
+        + c.kv_lora_rank
+        + c.kv_lora_rank * c.num_heads * (c.qk_nope_head_dim + c.v_head_dim)
+    )
     attn = q + kv + c.num_heads * c.v_head_dim * c.hidden_size
     norms = 2 * c.hidden_size
     dense = 3 * c.hidden_size * c.intermediate_size
@@ -20,8 +27,12 @@ def expected_counts(c: ModelConfig) -> dict[str, int]:
     body_total = c.num_layers * (attn + norms) + c.first_k_dense_layers * dense + c.num_moe_layers * moe_total
     body_active = c.num_layers * (attn + norms) + c.first_k_dense_layers * dense + c.num_moe_layers * moe_active
     final_norm = c.hidden_size
-    return {"total": body_total + final_norm + embedding, "active": body_active + final_norm + embedding,
-            "total_non_embedding": body_total + final_norm, "active_non_embedding": body_active + final_norm}
+    return {
+        "total": body_total + final_norm + embedding,
+        "active": body_active + final_norm + embedding,
+        "total_non_embedding": body_total + final_norm,
+        "active_non_embedding": body_active + final_norm,
+    }
 
 
 def test_seed_preset_builds_on_meta_and_reports_counts(capsys):

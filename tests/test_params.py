@@ -1,15 +1,16 @@
 """Every params value is checked before a stage starts work; a bad one gets one line naming the key."""
+
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from deepseek.errors import UserError
-import dataclasses
-
 from deepseek.config import ModelConfig
-from deepseek.params import load_params, load_yaml
+from deepseek.errors import UserError
+from stages.params import load_params, load_yaml
+
 from pipeline_utils import ROOT
 
 
@@ -26,33 +27,36 @@ def test_repository_params_are_valid():
     load_params(ROOT / "params.yaml")
 
 
-@pytest.mark.parametrize("changes, key", [
-    (dict(train={"lr": -1.0}), "train.lr"),
-    (dict(train={"lr": "fast"}), "train.lr"),
-    (dict(train={"max_steps": 0}), "train.max_steps"),
-    (dict(train={"dtype": "float8"}), "train.dtype"),
-    (dict(train={"min_lr": 1.0}), "train.min_lr"),
-    (dict(train={"learning_rate": 1.0}), "train.learning_rate"),
-    (dict(train={"seq_len": 4096}), "train.seq_len"),
-    (dict(model={"hidden_size": 0}), "hidden_size"),
-    (dict(model={"num_experts_per_tok": 99}), "num_experts_per_tok"),
-    (dict(model={"preset": "huge"}), "preset"),
-    (dict(model={"hiden_size": 64}), "hiden_size"),
-    (dict(model={"vocab_size": 100}), "model.vocab_size"),
-    (dict(tokenizer={"kind": "sentencepiece"}), "tokenizer.kind"),
-    (dict(tokenizer={"vocab_size": 10}), "tokenizer.vocab_size"),
-    (dict(data={"val_fraction": 1.5}), "data.val_fraction"),
-    (dict(sample={"prompts": []}), "sample.prompts"),
-    (dict(sample={"top_p": 0.0}), "sample.top_p"),
-    (dict(sample={"temperature": -1}), "sample.temperature"),
-    (dict(evaluate={"batch_size": 0}), "evaluate.batch_size"),
-    (dict(seed=-3), "seed"),
-    (dict(seed=2**32), "seed"),
-    (dict(train={"max_steps": 10.5}), "train.max_steps"),
-    (dict(model={"num_layers": 2.5}), "model.num_layers"),
-    (dict(model={"score_func": "relu"}), "model.score_func"),
-    (dict(trian={"lr": 1.0}), "trian"),
-])
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        (dict(train={"lr": -1.0}), "train.lr"),
+        (dict(train={"lr": "fast"}), "train.lr"),
+        (dict(train={"max_steps": 0}), "train.max_steps"),
+        (dict(train={"dtype": "float8"}), "train.dtype"),
+        (dict(train={"min_lr": 1.0}), "train.min_lr"),
+        (dict(train={"learning_rate": 1.0}), "train.learning_rate"),
+        (dict(train={"seq_len": 4096}), "train.seq_len"),
+        (dict(model={"hidden_size": 0}), "hidden_size"),
+        (dict(model={"num_experts_per_tok": 99}), "num_experts_per_tok"),
+        (dict(model={"preset": "huge"}), "preset"),
+        (dict(model={"hiden_size": 64}), "hiden_size"),
+        (dict(model={"vocab_size": 100}), "model.vocab_size"),
+        (dict(tokenizer={"kind": "sentencepiece"}), "tokenizer.kind"),
+        (dict(tokenizer={"vocab_size": 10}), "tokenizer.vocab_size"),
+        (dict(data={"val_fraction": 1.5}), "data.val_fraction"),
+        (dict(sample={"prompts": []}), "sample.prompts"),
+        (dict(sample={"top_p": 0.0}), "sample.top_p"),
+        (dict(sample={"temperature": -1}), "sample.temperature"),
+        (dict(evaluate={"batch_size": 0}), "evaluate.batch_size"),
+        (dict(seed=-3), "seed"),
+        (dict(seed=2**32), "seed"),
+        (dict(train={"max_steps": 10.5}), "train.max_steps"),
+        (dict(model={"num_layers": 2.5}), "model.num_layers"),
+        (dict(model={"score_func": "relu"}), "model.score_func"),
+        (dict(trian={"lr": 1.0}), "trian"),
+    ],
+)
 def test_bad_params_value_names_the_key(tmp_path, changes, key):
     path = write_params(tmp_path, **changes)
     with pytest.raises(UserError, match=key.replace(".", r"\.")) as error:
@@ -63,6 +67,7 @@ def test_bad_params_value_names_the_key(tmp_path, changes, key):
 def test_every_stage_checks_all_params_before_work(tmp_path, monkeypatch):
     """A bad train value stops the first stage, before it reads or writes anything."""
     from stages.prepare import prepare
+
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path, train={"lr": -1.0})
     result = CliRunner().invoke(prepare, [])
@@ -94,8 +99,19 @@ def test_params_file_lists_every_model_field_as_null_so_dvc_set_reaches_it():
     assert all(model[name] is None for name in fields)
 
 
-@pytest.mark.parametrize("text, value", [("3e-05", 3e-05), ("3E-5", 3e-5), ("1e3", 1000.0), ("2.0e-3", 2e-3),
-                                         (".5e1", 5.0), ("-1e-4", -1e-4), ("1_000", 1000), ("0.001", 0.001)])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("3e-05", 3e-05),
+        ("3E-5", 3e-5),
+        ("1e3", 1000.0),
+        ("2.0e-3", 2e-3),
+        (".5e1", 5.0),
+        ("-1e-4", -1e-4),
+        ("1_000", 1000),
+        ("0.001", 0.001),
+    ],
+)
 def test_numbers_read_as_yaml_1_2_numbers_as_dvc_writes_them(text, value):
     loaded = load_yaml(f"x: {text}\n")["x"]
     assert loaded == value and type(loaded) is type(value)

@@ -1,4 +1,5 @@
 """End to end: the DVC pipeline on a tiny config, in a temporary git + DVC repository."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from deepseek.params import load_params
+from stages.params import load_params
+
 from pipeline_utils import STAGES, make_pipeline_repo, run, set_params, stages_run
 
 
@@ -50,10 +52,12 @@ def test_exported_model_generates_what_deepseek_generate_does(repo):
     if not (repo / "model" / "final" / "model.safetensors").exists():
         run(["dvc", "repro"], repo)
     prompt = "ROMEO:\nWhat say"
-    ours = run([sys.executable, "-m", "deepseek.cli", "generate", prompt, "--temperature", "0",
-                "--max-new-tokens", "24"], repo).stdout.rstrip("\n")
-    run([sys.executable, "-m", "deepseek.cli", "export-hf", "--out", "model/hf"], repo)
+    ours = run(
+        [sys.executable, "-m", "stages.cli", "generate", prompt, "--temperature", "0", "--max-new-tokens", "24"], repo
+    ).stdout.rstrip("\n")
+    run([sys.executable, "-m", "stages.cli", "export-hf", "--out", "model/hf"], repo)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(repo / "model" / "hf")
     model = AutoModelForCausalLM.from_pretrained(repo / "model" / "hf", dtype=torch.float32)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]

@@ -1,4 +1,5 @@
 """The prepare stage: sources (with local stand-ins for the network), checks, split, stats and atomic outputs."""
+
 from __future__ import annotations
 
 import functools
@@ -12,7 +13,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from deepseek.data import (
+from deepseek.errors import UserError
+from stages.data import (
     OUTPUT_FILES,
     download,
     join_capped,
@@ -22,10 +24,10 @@ from deepseek.data import (
     text_stats,
     write_prepared,
 )
-from deepseek.errors import UserError
-from deepseek.params import DataParams
-from pipeline_utils import REAL_CORPUS, free_port
+from stages.params import DataParams
 from stages.prepare import prepare
+
+from pipeline_utils import REAL_CORPUS, free_port
 
 DEFAULT_SHA256 = DataParams().sha256
 SMALL_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
@@ -127,8 +129,11 @@ def test_missing_file_is_downloaded_then_prepared(served, tmp_path):
     root, url = served
     (root / "input.txt").write_text(SMALL_TEXT)
     local = tmp_path / "data" / "input-1.txt"
-    result = run_cli(tmp_path, {"path": str(local), "url": f"{url}/input.txt", "sha256": sha256_of(SMALL_TEXT)},
-                     tmp_path / "prepared")
+    result = run_cli(
+        tmp_path,
+        {"path": str(local), "url": f"{url}/input.txt", "sha256": sha256_of(SMALL_TEXT)},
+        tmp_path / "prepared",
+    )
     assert result.exit_code == 0, result.output
     assert local.read_text() == SMALL_TEXT
     prepared = tmp_path / "prepared"
@@ -171,8 +176,11 @@ def test_smollm_errors_are_one_line(standin, tmp_path, monkeypatch):
     # A made-up hub id must fail fast and must not touch the network.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    for dataset, subset in [(str(tmp_path / "nowhere"), "cosmopedia-v2"), ("no-such-owner/no-such-dataset", "x"),
-                            (str(standin), "missing-config")]:
+    for dataset, subset in [
+        (str(tmp_path / "nowhere"), "cosmopedia-v2"),
+        ("no-such-owner/no-such-dataset", "x"),
+        (str(standin), "missing-config"),
+    ]:
         with pytest.raises(UserError) as caught:
             stream_smollm(dataset, subset, 100)
         message = str(caught.value)
@@ -192,8 +200,11 @@ def test_smollm_rows_without_text_are_refused(tmp_path):
 
 def test_smollm_through_the_cli(standin, tmp_path):
     out = tmp_path / "prepared"
-    result = run_cli(tmp_path, {"source": "smollm", "smollm_dataset": str(standin), "smollm_max_chars": 100,
-                                "val_fraction": 0.25}, out)
+    result = run_cli(
+        tmp_path,
+        {"source": "smollm", "smollm_dataset": str(standin), "smollm_max_chars": 100, "val_fraction": 0.25},
+        out,
+    )
     assert result.exit_code == 0, result.output
     stats = json.loads((out / "stats.json").read_text())
     assert stats["source"] == "smollm"
@@ -236,13 +247,14 @@ def test_rerun_replaces_outputs_whole(tmp_path):
     write_prepared(out, "train", "val", {"characters": 2})
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
     assert (out / "train.txt").read_text() == "train" and json.loads((out / "stats.json").read_text()) == {
-        "characters": 2}
+        "characters": 2
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
 
 
 def test_failed_write_leaves_no_partial_outputs(tmp_path, monkeypatch):
     out = tmp_path / "prepared"
-    monkeypatch.setattr("deepseek.data.json.dumps", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("stages.data.json.dumps", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         write_prepared(out, "train", "val", {})
     assert list(tmp_path.iterdir()) == []
@@ -252,7 +264,7 @@ def test_foreign_output_folder_is_not_replaced(tmp_path):
     out = tmp_path / "data"
     out.mkdir()
     (out / "input-1.txt").write_text("precious")
-    with pytest.raises(UserError, match="holds files but no stats.json"):
+    with pytest.raises(UserError, match=r"holds files but no stats\.json"):
         write_prepared(out, "train", "val", {})
     assert [p.name for p in out.iterdir()] == ["input-1.txt"]
 
@@ -267,18 +279,21 @@ def test_cli_writes_outputs_and_a_summary(tmp_path):
     result = run_cli(tmp_path, {"path": str(local), "sha256": sha256_of(SMALL_TEXT), "val_fraction": 0.2}, out)
     assert result.exit_code == 0, result.output
     stats = json.loads((out / "stats.json").read_text())
-    assert stats == {"source": "shakespeare", **text_stats(SMALL_TEXT), "train_characters": 64,
-                     "val_characters": 17}
+    assert stats == {"source": "shakespeare", **text_stats(SMALL_TEXT), "train_characters": 64, "val_characters": 17}
     assert f"{len(SMALL_TEXT)} characters, 5 lines" in result.output
 
 
-@pytest.mark.parametrize("content, data, expected", [
-    (None, {"url": "http://127.0.0.1:{port}/x"}, "could not download http://127.0.0.1:{port}/x"),
-    (b"", {}, "is empty"),
-    (b"hello\nw\xffrld\n", {}, "byte 0xff at offset 7"),
-    (b"abc", {"sha256": sha256_of(b"abc")}, "too short to split"),
-    (SMALL_TEXT.encode(), {"source": "wikipedia"}, "data.source = 'wikipedia' must be one of"),
-], ids=["unreachable", "empty", "not-utf8", "too-short", "unknown-source"])
+@pytest.mark.parametrize(
+    "content, data, expected",
+    [
+        (None, {"url": "http://127.0.0.1:{port}/x"}, "could not download http://127.0.0.1:{port}/x"),
+        (b"", {}, "is empty"),
+        (b"hello\nw\xffrld\n", {}, "byte 0xff at offset 7"),
+        (b"abc", {"sha256": sha256_of(b"abc")}, "too short to split"),
+        (SMALL_TEXT.encode(), {"source": "wikipedia"}, "data.source = 'wikipedia' must be one of"),
+    ],
+    ids=["unreachable", "empty", "not-utf8", "too-short", "unknown-source"],
+)
 def test_cli_bad_inputs_fail_in_one_line_without_outputs(tmp_path, content, data, expected):
     port = free_port()
     local = tmp_path / "data" / "input-1.txt"

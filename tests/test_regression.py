@@ -1,4 +1,5 @@
 """The CI regression gate: its comparison, its dvc.lock check, and a damaged run that it rejects."""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,19 +9,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deepseek.regression import Row, compare, render, stale_lock_entries
-from pipeline_utils import make_pipeline_repo, run
+from pipeline_utils import ROOT, make_pipeline_repo, run
+from regression import Row, compare, render, stale_lock_entries
 
-TOLERANCES = {"bits_per_character": {"direction": "lower", "abs": 0.02},
-              "relative_throughput": {"direction": "higher", "rel": 0.3}}
+TOLERANCES = {
+    "bits_per_character": {"direction": "lower", "abs": 0.02},
+    "relative_throughput": {"direction": "higher", "rel": 0.3},
+}
 
 
 def test_compare_applies_direction_and_tolerance():
     baseline = {"bits_per_character": 2.0, "relative_throughput": 1.0}
-    assert [r.ok for r in compare(baseline, {"bits_per_character": 2.019, "relative_throughput": 0.71},
-                                  TOLERANCES)] == [True, True]
-    assert [r.ok for r in compare(baseline, {"bits_per_character": 2.03, "relative_throughput": 0.69},
-                                  TOLERANCES)] == [False, False]
+    assert [
+        r.ok for r in compare(baseline, {"bits_per_character": 2.019, "relative_throughput": 0.71}, TOLERANCES)
+    ] == [True, True]
+    assert [r.ok for r in compare(baseline, {"bits_per_character": 2.03, "relative_throughput": 0.69}, TOLERANCES)] == [
+        False,
+        False,
+    ]
     assert all(r.ok for r in compare(baseline, {"bits_per_character": 1.5, "relative_throughput": 3.0}, TOLERANCES))
 
 
@@ -31,18 +37,29 @@ def test_table_names_metric_baseline_now_tolerance_verdict():
 
 
 def test_stale_lock_ignores_missing_outputs_but_not_changed_code_or_params():
-    fresh_clone = {"train": [{"changed deps": {"data/tokens": "deleted"}},
-                             {"changed outs": {"model/final": "deleted"}}]}
+    fresh_clone = {
+        "train": [{"changed deps": {"data/tokens": "deleted"}}, {"changed outs": {"model/final": "deleted"}}]
+    }
     assert stale_lock_entries(fresh_clone) == []
-    stale = {"prepare": [{"changed deps": {"stages/prepare.py": "modified", "data/input": "deleted"}}],
-             "sample": [{"changed deps": {"params.yaml": {"sample": "modified"}}}], "train": ["changed command"]}
-    assert stale_lock_entries(stale) == ["prepare: stages/prepare.py modified", "sample: params sample modified",
-                                         "train: changed command"]
+    stale = {
+        "prepare": [{"changed deps": {"stages/prepare.py": "modified", "data/input": "deleted"}}],
+        "sample": [{"changed deps": {"params.yaml": {"sample": "modified"}}}],
+        "train": ["changed command"],
+    }
+    assert stale_lock_entries(stale) == [
+        "prepare: stages/prepare.py modified",
+        "sample: params sample modified",
+        "train: changed command",
+    ]
 
 
 def gate(*args: str, repo: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deepseek.regression", *args, "--repo", str(repo)],
-                          capture_output=True, text=True, cwd=repo)
+    return subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "regression.py"), *args, "--repo", str(repo)],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+    )
 
 
 @pytest.mark.slow
@@ -50,10 +67,15 @@ def test_damaged_training_fails_the_gate_and_unchanged_code_passes_after_an_appl
     repo = make_pipeline_repo(tmp_path / "repo")
     (tmp_path / "profile.yaml").write_text("seed: 7\n")
     # The tiny run lasts seconds, too short to time precisely: its throughput margin is wide.
-    (tmp_path / "tolerances.yaml").write_text(yaml.safe_dump({
-        "bits_per_character": {"direction": "lower", "abs": 0.02},
-        "max_vio": {"direction": "lower", "abs": 0.15},
-        "relative_throughput": {"direction": "higher", "rel": 0.8}}))
+    (tmp_path / "tolerances.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "bits_per_character": {"direction": "lower", "abs": 0.02},
+                "max_vio": {"direction": "lower", "abs": 0.15},
+                "relative_throughput": {"direction": "higher", "rel": 0.8},
+            }
+        )
+    )
     common = ["--profile", str(tmp_path / "profile.yaml"), "--baseline", str(tmp_path / "baseline.json")]
     created = gate("update-baseline", *common, repo=repo)
     assert created.returncode == 0, created.stderr

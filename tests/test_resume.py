@@ -1,4 +1,5 @@
 """Fault-tolerant training: kill -9 and resume, SIGTERM, damaged or malicious checkpoints, non-finite steps."""
+
 from __future__ import annotations
 
 import csv
@@ -6,7 +7,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,37 +15,41 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from deepseek.checkpoint import find_resume_point, list_checkpoints
-from pipeline_utils import ROOT, TINY_PARAMS, set_params, write_tiny_corpus
-from stages.prepare import prepare
-from stages.tokenize import tokenize
+
+from pipeline_utils import ROOT, stage_workspace
 
 # Slow enough per step (a few tens of ms) that a kill lands between checkpoints.
-RESUME_PARAMS = {"max_steps": 30, "micro_batch_size": 8, "grad_accum_steps": 4, "seq_len": 64, "log_interval": 3,
-                 "eval_interval": 10, "checkpoint_interval": 2, "keep_checkpoints": 2, "sample_interval": 30}
-
-
-def workspace(path: Path, monkeypatch, **train) -> Path:
-    """A directory with params.yaml and the prepare and tokenize outputs, ready for `python -m stages.train`."""
-    path.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "params.yaml", path / "params.yaml")
-    set_params(path, **TINY_PARAMS)
-    set_params(path, train=train, tokenizer={"kind": "char"}, data={"sha256": write_tiny_corpus(path)})
-    monkeypatch.chdir(path)
-    for command in (prepare, tokenize):
-        result = CliRunner().invoke(command, [])
-        assert result.exit_code == 0, result.output
-    return path
+RESUME_PARAMS = {
+    "max_steps": 30,
+    "micro_batch_size": 8,
+    "grad_accum_steps": 4,
+    "seq_len": 64,
+    "log_interval": 3,
+    "eval_interval": 10,
+    "checkpoint_interval": 2,
+    "keep_checkpoints": 2,
+    "sample_interval": 30,
+}
 
 
 def train_process(path: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{path / 'mlflow.db'}"}
-    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{path / 'mlflow.db'}",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.train"],
+        cwd=path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def newest_step(path: Path) -> int:
@@ -83,7 +87,7 @@ def results(path: Path) -> tuple[dict, dict[str, torch.Tensor], list[dict]]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
-        path = workspace(tmp_path_factory.mktemp("straight"), monkeypatch, **RESUME_PARAMS)
+        path = stage_workspace(tmp_path_factory.mktemp("straight"), monkeypatch, **RESUME_PARAMS)
         finish(path)
         return results(path)
 
@@ -100,7 +104,7 @@ def assert_same_training(path: Path, reference) -> None:
 
 @pytest.mark.slow
 def test_kill_9_at_three_points_then_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, uninterrupted):
-    path = workspace(tmp_path, monkeypatch, **RESUME_PARAMS)
+    path = stage_workspace(tmp_path, monkeypatch, **RESUME_PARAMS)
     for step in (4, 13, 22):  # not multiples of the logging interval: windows are resumed mid-way
         killed = kill_after(path, step)
         assert killed.returncode == -signal.SIGKILL
@@ -110,11 +114,13 @@ def test_kill_9_at_three_points_then_resume_gives_the_uninterrupted_result(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, exit_code, name", [(signal.SIGTERM, 143, "SIGTERM"),
-                                                  (signal.SIGINT, 130, "Ctrl-C, SIGINT")])
-def test_a_signal_saves_a_checkpoint_and_exits_with_its_code_then_resumes(tmp_path, monkeypatch, uninterrupted, sig,
-                                                                          exit_code, name):
-    path = workspace(tmp_path, monkeypatch, **RESUME_PARAMS)
+@pytest.mark.parametrize(
+    "sig, exit_code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C, SIGINT")]
+)
+def test_a_signal_saves_a_checkpoint_and_exits_with_its_code_then_resumes(
+    tmp_path, monkeypatch, uninterrupted, sig, exit_code, name
+):
+    path = stage_workspace(tmp_path, monkeypatch, **RESUME_PARAMS)
     stopped = kill_after(path, 6, sig)
     output = stopped.stdout.read()
     assert stopped.returncode == exit_code, output
@@ -127,7 +133,7 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_its_code_then_resumes(tmp_pa
 
 
 def make_checkpoints(path: Path, monkeypatch) -> list[Path]:
-    path = workspace(path, monkeypatch, max_steps=4, checkpoint_interval=2, keep_checkpoints=3)
+    path = stage_workspace(path, monkeypatch, max_steps=4, checkpoint_interval=2, keep_checkpoints=3)
     finish(path)
     checkpoints = list_checkpoints(path / "model" / "checkpoints")
     assert [c.name for c in checkpoints] == ["step_00000002", "step_00000004"]
@@ -179,8 +185,13 @@ def test_malicious_pickle_is_refused_everywhere_and_never_runs(tmp_path, monkeyp
     plant_pickle(final / "model.safetensors", marker)
     commands = [["evaluate"], ["sample"], ["generate", "hello"], ["export-hf", "--out", str(tmp_path / "hf")]]
     for args in commands:
-        result = subprocess.run([sys.executable, "-m", "deepseek.cli", *args], cwd=tmp_path / "ws",
-                                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        result = subprocess.run(
+            [sys.executable, "-m", "stages.cli", *args],
+            cwd=tmp_path / "ws",
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert result.returncode == 1, (args, result.stdout, result.stderr)
         assert "is not a valid safetensors file" in result.stderr and "Traceback" not in result.stderr, args
     assert not marker.exists()
@@ -190,13 +201,22 @@ def test_malicious_pickle_is_refused_everywhere_and_never_runs(tmp_path, monkeyp
 def test_non_finite_steps_are_skipped_and_too_many_stop_training(tmp_path):
     import numpy as np
 
-    from deepseek import DeepSeekLM, ModelConfig
-    from deepseek.params import TrainParams
-    from deepseek.trainer import TrainingStopped, TrainOutputs, train
+    from deepseek.config import ModelConfig, TrainConfig
+    from deepseek.model import DeepSeekLM
+    from deepseek.trainer import Trainer, TrainingStopped, TrainOutputs
 
     tokens = np.random.default_rng(0).integers(0, 65, 5000).astype(np.uint16)
-    params = TrainParams(max_steps=6, micro_batch_size=2, grad_accum_steps=1, seq_len=16, log_interval=1,
-                         eval_interval=6, eval_batches=1, checkpoint_interval=100, max_nonfinite_steps=3)
+    params = TrainConfig(
+        max_steps=6,
+        micro_batch_size=2,
+        grad_accum_steps=1,
+        seq_len=16,
+        log_interval=1,
+        eval_interval=6,
+        eval_batches=1,
+        checkpoint_interval=100,
+        max_nonfinite_steps=3,
+    )
     model = DeepSeekLM(ModelConfig.from_preset("tiny"))
     calls = {"n": 0}
 
@@ -205,7 +225,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_training(tmp_path):
         return output * float("nan") if calls["n"] == 3 else output
 
     handle = model.head.register_forward_hook(poison_step_two)
-    train(model, params, tokens, tokens, 0, TrainOutputs(tmp_path / "ck", tmp_path / "rep"))
+    Trainer(model, params, 0, TrainOutputs(tmp_path / "ck", tmp_path / "rep")).fit(tokens, tokens)
     handle.remove()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert len(list((tmp_path / "rep").glob("train_log.csv"))) == 1
@@ -215,7 +235,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_training(tmp_path):
         broken.norm.weight.fill_(float("nan"))
     before = {k: v.clone() for k, v in broken.state_dict().items()}
     with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss") as stopped:
-        train(broken, params, tokens, tokens, 0, TrainOutputs(tmp_path / "ck2", tmp_path / "rep2"))
+        Trainer(broken, params, 0, TrainOutputs(tmp_path / "ck2", tmp_path / "rep2")).fit(tokens, tokens)
     assert stopped.value.exit_code == 1
     assert [c.name for c in list_checkpoints(tmp_path / "ck2")] == ["step_00000003"]
     for name, value in broken.state_dict().items():  # never trained on NaN: nothing moved

@@ -1,4 +1,5 @@
 """The tokenize stage: char, byte-level BPE and pretrained tokenizers, token files, failures."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,13 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-import deepseek.tokenizer as tk
-from deepseek import data
+import stages.tokenizer as tk
 from deepseek.errors import UserError
-from deepseek.params import TokenizerParams
-from pipeline_utils import REAL_CORPUS
+from stages import data
+from stages.params import TokenizerParams
 from stages.tokenize import tokenize
+
+from pipeline_utils import REAL_CORPUS
 
 CHAR_TRAIN = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n  All:\tSpeak, speak.\n"
 CHAR_VAL = "Zounds! we speak?\n"  # Z, ! and ? never occur in CHAR_TRAIN
@@ -66,7 +68,7 @@ def bpe(bpe_text: str) -> PreTrainedTokenizerFast:
 def test_char_vocab_comes_from_train_only_and_round_trips():
     tokenizer = tk.build_tokenizer(TokenizerParams(kind="char"), CHAR_TRAIN)
     vocab = tokenizer.get_vocab()
-    assert sorted(vocab, key=vocab.get) == sorted(set(CHAR_TRAIN)) + [tk.UNK]
+    assert sorted(vocab, key=vocab.get) == [*sorted(set(CHAR_TRAIN)), tk.UNK]
     assert len(tokenizer) == len(set(CHAR_TRAIN)) + 1
     encoded = ids(tokenizer, CHAR_TRAIN)
     assert len(encoded) == len(CHAR_TRAIN)
@@ -78,10 +80,20 @@ def test_char_vocab_comes_from_train_only_and_round_trips():
 
 def test_char_stage_writes_what_the_saved_tokenizer_gives(tmp_path):
     meta = run_stage(tmp_path, TokenizerParams(kind="char"), CHAR_TRAIN, CHAR_VAL)
-    assert meta == tk.load_meta(tmp_path / "tokens") == {
-        "kind": "char", "vocab_size": len(set(CHAR_TRAIN)) + 1, "dtype": "uint16",
-        "train_tokens": len(CHAR_TRAIN), "val_tokens": len(CHAR_VAL),
-        "train_characters": len(CHAR_TRAIN), "val_characters": len(CHAR_VAL), "eos_token_id": None}
+    assert (
+        meta
+        == tk.load_meta(tmp_path / "tokens")
+        == {
+            "kind": "char",
+            "vocab_size": len(set(CHAR_TRAIN)) + 1,
+            "dtype": "uint16",
+            "train_tokens": len(CHAR_TRAIN),
+            "val_tokens": len(CHAR_VAL),
+            "train_characters": len(CHAR_TRAIN),
+            "val_characters": len(CHAR_VAL),
+            "eos_token_id": None,
+        }
+    )
     for loader in (AutoTokenizer, PreTrainedTokenizerFast):
         saved = loader.from_pretrained(tmp_path / "tokenizer")
         for split, text in (("train", CHAR_TRAIN), ("val", CHAR_VAL)):
@@ -128,8 +140,9 @@ def test_tokenizer_that_is_not_chunk_safe_encodes_the_whole_text():
     text = words_text(3000, seed=1)
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
-    backend.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"],
-                                                            show_progress=False))
+    backend.train_from_iterator(
+        [text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False)
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     whole = backend.encode(text, add_special_tokens=False).ids
     chunks = tk.split_text(text, 64)
@@ -176,8 +189,9 @@ def test_failure_leaves_previous_outputs_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tk, "encode_corpus", broken)
     with pytest.raises(RuntimeError):
-        tk.tokenize_corpus(TokenizerParams(kind="bpe"), tmp_path / "prepared", tmp_path / "tokenizer",
-                           tmp_path / "tokens")
+        tk.tokenize_corpus(
+            TokenizerParams(kind="bpe"), tmp_path / "prepared", tmp_path / "tokenizer", tmp_path / "tokens"
+        )
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # no staging leftovers
 
 
@@ -201,22 +215,35 @@ def test_missing_or_damaged_outputs_are_user_errors(tmp_path):
         tk.load_tokenizer(tmp_path / "tokenizer")
     train_bin = tmp_path / "tokens" / "train.bin"
     train_bin.write_bytes(train_bin.read_bytes()[:-2])
-    with pytest.raises(UserError, match="train.bin"):
+    with pytest.raises(UserError, match=r"train\.bin"):
         tk.load_tokens(tmp_path / "tokens", "train")
 
 
-@pytest.mark.parametrize("params, prepared, expected", [
-    (dict(kind="sentencepiece"), True, "tokenizer.kind"),
-    (dict(kind="char"), False, "prepare stage"),
-])
+@pytest.mark.parametrize(
+    "params, prepared, expected",
+    [
+        (dict(kind="sentencepiece"), True, "tokenizer.kind"),
+        (dict(kind="char"), False, "prepare stage"),
+    ],
+)
 def test_cli_user_errors_are_one_line_and_write_nothing(tmp_path, params, prepared, expected):
     if prepared:
         write_prepared(tmp_path / "prepared", CHAR_TRAIN, CHAR_VAL)
     params_path = write_params(tmp_path / "params.yaml", **params)
     before = sorted(tmp_path.rglob("*"))
-    result = CliRunner().invoke(tokenize, [
-        "--params", str(params_path), "--prepared", str(tmp_path / "prepared"),
-        "--tokenizer-dir", str(tmp_path / "out" / "tokenizer"), "--tokens-dir", str(tmp_path / "out" / "tokens")])
+    result = CliRunner().invoke(
+        tokenize,
+        [
+            "--params",
+            str(params_path),
+            "--prepared",
+            str(tmp_path / "prepared"),
+            "--tokenizer-dir",
+            str(tmp_path / "out" / "tokenizer"),
+            "--tokens-dir",
+            str(tmp_path / "out" / "tokens"),
+        ],
+    )
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and expected in lines[0]
@@ -227,9 +254,19 @@ def test_cli_user_errors_are_one_line_and_write_nothing(tmp_path, params, prepar
 def test_cli_tokenizes_and_summarises(tmp_path):
     write_prepared(tmp_path / "prepared", CHAR_TRAIN, CHAR_VAL)
     params_path = write_params(tmp_path / "params.yaml", kind="char")
-    result = CliRunner().invoke(tokenize, [
-        "--params", str(params_path), "--prepared", str(tmp_path / "prepared"),
-        "--tokenizer-dir", str(tmp_path / "tokenizer"), "--tokens-dir", str(tmp_path / "tokens")])
+    result = CliRunner().invoke(
+        tokenize,
+        [
+            "--params",
+            str(params_path),
+            "--prepared",
+            str(tmp_path / "prepared"),
+            "--tokenizer-dir",
+            str(tmp_path / "tokenizer"),
+            "--tokens-dir",
+            str(tmp_path / "tokens"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"vocab {len(set(CHAR_TRAIN)) + 1}" in result.output
     assert f"val: {len(CHAR_VAL)} tokens, 1.00 characters per token" in result.output
@@ -237,7 +274,9 @@ def test_cli_tokenizes_and_summarises(tmp_path):
     assert "tokenizer.kind" in CliRunner().invoke(tokenize, ["--help"]).output
 
 
-@pytest.mark.skipif(not REAL_CORPUS.is_file(), reason="the tiny Shakespeare corpus is in neither data/ nor ../shared/data/")
+@pytest.mark.skipif(
+    not REAL_CORPUS.is_file(), reason="the tiny Shakespeare corpus is in neither data/ nor ../shared/data/"
+)
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_real_corpus_round_trips(kind):
     text = REAL_CORPUS.read_bytes().decode("utf-8")

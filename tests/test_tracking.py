@@ -1,4 +1,5 @@
 """Every pipeline execution is one MLflow run in one store; its artifacts are the DVC outputs."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,9 @@ import torch
 import yaml
 
 from deepseek.checkpoint import load_model
-from deepseek.params import load_yaml
-from deepseek.tracking import EXPERIMENT, flatten
+from stages.params import load_yaml
+from stages.tracking import EXPERIMENT, flatten
+
 from pipeline_utils import make_pipeline_repo, run
 
 
@@ -70,7 +72,8 @@ def test_all_five_runs_land_in_one_store(tracked_repo):
     assert float(params["lr-3e-5"]["train.min_lr"]) == 3e-6
     # The model fields as built: the tiny preset's 2 layers, but 3 where -S model.num_layers=3 set them.
     assert {name: int(p["model.num_layers"]) for name, p in params.items()} == {
-        name: 3 if name == "layers-3" else 2 for name in params}
+        name: 3 if name == "layers-3" else 2 for name in params
+    }
     base = load_yaml((tracked_repo / "params.yaml").read_text())
     for r in runs:
         assert r.info.status == "FINISHED"
@@ -86,8 +89,10 @@ def test_all_five_runs_land_in_one_store(tracked_repo):
         assert {"git_commit", "git_dirty", "data_sha256", "dvc_exp_name", "dvc_baseline_rev"} <= set(r.data.tags)
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"checkpoint", "checkpoints", "samples", "figures", "tokenizer", "params.yaml", "dvc.lock"} <= artifacts
-        assert {a.path for a in client.list_artifacts(r.info.run_id, "samples")} == {"samples/samples.md",
-                                                                                     "samples/samples.json"}
+        assert {a.path for a in client.list_artifacts(r.info.run_id, "samples")} == {
+            "samples/samples.md",
+            "samples/samples.json",
+        }
     queued = [r for r in runs if r.info.run_name.startswith("queued-")]
     assert all(r.data.tags["dvc_baseline_rev"] for r in queued)
 

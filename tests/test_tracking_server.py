@@ -1,5 +1,6 @@
 """The pipeline against a real `mlflow server`: everything lands in the server, and a server that dies mid-training
 costs the tracking only, never the pipeline's outputs."""
+
 from __future__ import annotations
 
 import json
@@ -58,7 +59,9 @@ def test_pipeline_logs_params_metrics_and_artifacts_to_a_tracking_server(tmp_pat
     history = server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
     assert sorted(m["step"] for m in history) == [2, 4, 6]  # log_interval 2, max_steps 6
     assert all(m["value"] > 0 for m in history)
-    val_history = server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="val_loss_sampled")["metrics"]
+    val_history = server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="val_loss_sampled")[
+        "metrics"
+    ]
     assert sorted(m["step"] for m in val_history) == [3, 6]
 
     def listed(path: str = "") -> dict[str, dict]:
@@ -94,15 +97,31 @@ STEP_LINE = re.compile(r"step\s+(\d+) \| loss")
 def test_pipeline_completes_when_the_tracking_server_dies_mid_training(tmp_path, server, monkeypatch):
     repo = make_pipeline_repo(tmp_path / "repo")
     max_steps = 60
-    set_params(repo, train={"max_steps": max_steps, "log_interval": 1, "eval_interval": 10, "sample_interval": 60,
-                            "checkpoint_interval": 20})
+    set_params(
+        repo,
+        train={
+            "max_steps": max_steps,
+            "log_interval": 1,
+            "eval_interval": 10,
+            "sample_interval": 60,
+            "checkpoint_interval": 20,
+        },
+    )
     run(["git", "commit", "-qam", "longer training"], repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
 
     # Progress goes through tqdm to stderr, step lines to stdout: read both, merged, as they come.
-    process = subprocess.Popen(["dvc", "repro"], cwd=repo, env=pipeline_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace",
-                               start_new_session=True)
+    process = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=repo,
+        env=pipeline_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     lines: list[str] = []
     at_step_3 = threading.Event()
     done_reading = threading.Event()
@@ -128,8 +147,10 @@ def test_pipeline_completes_when_the_tracking_server_dies_mid_training(tmp_path,
         try:
             returncode = process.wait(timeout=PIPELINE_TIMEOUT)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"dvc repro did not finish within {PIPELINE_TIMEOUT} s after the server died:\n"
-                        + "".join(lines)[-5000:])
+            pytest.fail(
+                f"dvc repro did not finish within {PIPELINE_TIMEOUT} s after the server died:\n"
+                + "".join(lines)[-5000:]
+            )
         reader.join(timeout=30)
     finally:
         if process.poll() is None:
@@ -142,8 +163,9 @@ def test_pipeline_completes_when_the_tracking_server_dies_mid_training(tmp_path,
     after_kill = "".join(lines[killed_after:])
     # Training really was under way: steps went on after the kill, and the failure was reported, not raised.
     assert f"step {max_steps:>6} | loss" in after_kill, output[-5000:]
-    assert re.search(rf"MLflow tracking at {re.escape(server.url)} failed \(.+\); training goes on without it",
-                     after_kill), output[-5000:]
+    assert re.search(
+        rf"MLflow tracking at {re.escape(server.url)} failed \(.+\); training goes on without it", after_kill
+    ), output[-5000:]
     assert "Traceback" not in output, output[-5000:]
 
     # Every DVC output is complete.

@@ -4,6 +4,7 @@ Every kind is saved with `save_pretrained`, so `transformers.AutoTokenizer.from_
 Token ids of each split are raw little-endian binaries (`train.bin`, `val.bin`) that `np.memmap` opens
 without reading them, described by `meta.json`.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,11 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from deepseek.data import OUTPUT_FILES as PREPARED_FILES
-from deepseek.data import PREPARED_DIR
 from deepseek.errors import UserError, first_line
 from deepseek.files import check_replaceable, replacing_dir
-from deepseek.params import TokenizerParams
+from stages.data import OUTPUT_FILES as PREPARED_FILES
+from stages.data import PREPARED_DIR
+from stages.params import TokenizerParams
 
 UNK = "<unk>"  # char kind: stands for characters the train split never shows
 EOS = "<|endoftext|>"  # bpe kind: end of text, as in GPT-2
@@ -42,8 +43,12 @@ _CHUNK_CHARS = 1 << 16  # large enough that per-chunk overhead vanishes, small e
 _PROBE_CHARS = 100_000  # text used to check that a pretrained tokenizer gives the same ids when chunked
 
 
-def tokenize_corpus(params: TokenizerParams, prepared_dir: str | Path = PREPARED_DIR,
-                    tokenizer_dir: str | Path = TOKENIZER_DIR, tokens_dir: str | Path = TOKENS_DIR) -> dict[str, Any]:
+def tokenize_corpus(
+    params: TokenizerParams,
+    prepared_dir: str | Path = PREPARED_DIR,
+    tokenizer_dir: str | Path = TOKENIZER_DIR,
+    tokens_dir: str | Path = TOKENS_DIR,
+) -> dict[str, Any]:
     """The tokenize stage: build the tokenizer, save it, encode both splits with the saved copy; returns the meta.
 
     Both outputs are replaced only once everything has succeeded; a failure leaves them as they were.
@@ -132,8 +137,10 @@ def _pretrained_tokenizer(name: str) -> PreTrainedTokenizerFast:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as error:  # offline, unknown id, gated repo, bad files: all the user's to fix
-        raise UserError(f"could not load tokenizer {name!r} ({first_line(error)}): check the name and your "
-                        "connection, or set tokenizer.pretrained to a local directory") from None
+        raise UserError(
+            f"could not load tokenizer {name!r} ({first_line(error)}): check the name and your "
+            "connection, or set tokenizer.pretrained to a local directory"
+        ) from None
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise UserError(f"tokenizer {name!r} has no fast (tokenizers) version: choose another tokenizer.pretrained")
     return tokenizer
@@ -196,8 +203,14 @@ def _chunking_is_exact(backend: Tokenizer, probe: str) -> bool:
     return chunked == backend.encode(probe, add_special_tokens=False).ids
 
 
-def write_tokens(out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, train_ids: np.ndarray,
-                 val_ids: np.ndarray, stats: Mapping[str, Any], kind: str) -> dict[str, Any]:
+def write_tokens(
+    out_dir: str | Path,
+    tokenizer: PreTrainedTokenizerFast,
+    train_ids: np.ndarray,
+    val_ids: np.ndarray,
+    stats: Mapping[str, Any],
+    kind: str,
+) -> dict[str, Any]:
     """Write train.bin, val.bin and meta.json to out_dir (replacing it whole) and return the meta.
 
     stats is the prepared folder's stats.json; its character counts go into the meta.
@@ -218,7 +231,7 @@ def write_tokens(out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, train_
         "eos_token_id": tokenizer.eos_token_id,
     }
     with replacing_dir(out_dir, META_FILE) as staging:
-        for split, ids in zip(SPLITS, (train_ids, val_ids)):
+        for split, ids in zip(SPLITS, (train_ids, val_ids), strict=True):
             np.ascontiguousarray(ids, dtype=dtype.newbyteorder("<")).tofile(staging / f"{split}.bin")
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta

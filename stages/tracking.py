@@ -6,6 +6,7 @@ queued experiments, which run in copies elsewhere, so every run lands in the sam
 
 Tracking never stops training: if the server fails, a warning is printed once and logging stops.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -17,9 +18,12 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from deepseek.errors import first_line
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 EXPERIMENT = "deepseek-repro"
 RUN_FILE = "mlflow_run.json"  # in the reports directory: the DVC output that hands the run id to evaluate and sample
@@ -81,14 +85,14 @@ def _retry(call: Callable[[], T], attempts: int = 5) -> T:
     raise AssertionError("unreachable")
 
 
-def client():
+def client() -> MlflowClient:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow.MlflowClient(tracking_uri())
 
 
-def experiment_id(mlflow_client) -> str:
+def experiment_id(mlflow_client: MlflowClient) -> str:
     with _store_lock():
         found = _retry(lambda: mlflow_client.get_experiment_by_name(EXPERIMENT))
         if found is not None:
@@ -101,6 +105,7 @@ def git_state() -> dict[str, str]:
     def git(*args: str) -> str:
         result = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path.cwd())
         return result.stdout.strip() if result.returncode == 0 else ""
+
     # dvc.lock changes during `dvc repro`; it does not make the code dirty.
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock", ":!reports")
     return {"git_commit": git("rev-parse", "HEAD") or "unknown", "git_dirty": str(bool(dirty)).lower()}
@@ -121,17 +126,17 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Run:
     """An MLflow run that degrades to a no-op, with one warning, when tracking fails."""
 
-    def __init__(self, mlflow_client, run_id: str | None) -> None:
+    def __init__(self, mlflow_client: MlflowClient | None, run_id: str | None) -> None:
         self.client, self.run_id = mlflow_client, run_id
 
     @classmethod
     def start(cls, params: dict[str, Any], tags: dict[str, str]) -> Run:
         run = cls(None, None)
         try:
-            run.client = client()
-            exp_id = experiment_id(run.client)
+            run.client = mlflow_client = client()
+            exp_id = experiment_id(mlflow_client)
             name = os.environ.get("DVC_EXP_NAME") or None
-            run.run_id = _retry(lambda: run.client.create_run(exp_id, run_name=name, tags=tags).info.run_id)
+            run.run_id = _retry(lambda: mlflow_client.create_run(exp_id, run_name=name, tags=tags).info.run_id)
         except Exception as error:
             run._disable(error)
             return run
@@ -165,16 +170,20 @@ class Run:
 
     def _disable(self, error: Exception) -> None:
         if self.client is not None or self.run_id is not None:
-            warnings.warn(f"MLflow tracking at {tracking_uri()} failed ({type(error).__name__}: "
-                          f"{first_line(error)}); training goes on without it",
-                          stacklevel=3)
+            warnings.warn(
+                f"MLflow tracking at {tracking_uri()} failed ({type(error).__name__}: "
+                f"{first_line(error)}); training goes on without it",
+                stacklevel=3,
+            )
         self.client = None
 
-    def _do(self, action: Callable[[], Any]) -> None:
-        if not self.active:
+    def _do(self, action: Callable[[MlflowClient, str], Any]) -> None:
+        """action(client, run_id), retried while SQLite is locked; the first other failure turns tracking off."""
+        client, run_id = self.client, self.run_id
+        if client is None or run_id is None:
             return
         try:
-            _retry(action)
+            _retry(lambda: action(client, run_id))
         except Exception as error:
             self._disable(error)
 
@@ -182,15 +191,15 @@ class Run:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
-        self._do(lambda: [self.client.log_batch(self.run_id, params=items[i:i + 100])
-                          for i in range(0, len(items), 100)])
+        batches = [items[i : i + 100] for i in range(0, len(items), 100)]  # MLflow takes at most 100 a call
+        self._do(lambda client, run_id: [client.log_batch(run_id, params=batch) for batch in batches])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._do(lambda: self.client.log_batch(self.run_id, metrics=items))
+        self._do(lambda client, run_id: client.log_batch(run_id, metrics=items))
 
     def log_dataset(self, stats: dict[str, Any], source: str) -> None:
         """The corpus as the run's dataset input, its facts (characters, lines, sha256, ...) as the profile.
@@ -200,20 +209,25 @@ class Run:
         """
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(name=str(stats.get("source", "corpus")), digest=str(stats.get("sha256", ""))[:12],
-                          source_type="local", source=json.dumps({"uri": source}), profile=json.dumps(stats))
+        dataset = Dataset(
+            name=str(stats.get("source", "corpus")),
+            digest=str(stats.get("sha256", ""))[:12],
+            source_type="local",
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(stats),
+        )
         context = InputTag("mlflow.data.context", "training")
-        self._do(lambda: self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[context])]))
+        self._do(lambda client, run_id: client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[context])]))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            self._do(lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
+            self._do(lambda client, run_id: client.log_artifacts(run_id, str(path), artifact_path))
         elif path.exists():
-            self._do(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+            self._do(lambda client, run_id: client.log_artifact(run_id, str(path), artifact_path))
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._do(lambda: self.client.set_terminated(self.run_id, status))
+        self._do(lambda client, run_id: client.set_terminated(run_id, status))
 
     def write_run_file(self, run_file: str | Path) -> None:
         from deepseek.files import write_json
@@ -230,15 +244,20 @@ def log_model(run: Run, model_dir: Path, register_as: str | None, alias: str) ->
         return None
     import mlflow
 
-    package = Path(__file__).resolve().parent
+    from deepseek import checkpoint
+
     try:
         with mlflow.start_run(run_id=run.run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(package / "mlflow_model.py"), artifacts={"model": str(model_dir)},
-                code_paths=[str(package)], pip_requirements=["torch", "safetensors", "numpy", "transformers"])
+                name="model",
+                python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                artifacts={"model": str(model_dir)},
+                code_paths=[str(Path(checkpoint.__file__).parent)],  # the model library, which loads the weights
+                pip_requirements=["torch", "safetensors", "numpy", "transformers"],
+            )
         if register_as:
             version = _retry(lambda: mlflow.register_model(info.model_uri, register_as))
-            _retry(lambda: run.client.set_registered_model_alias(register_as, alias, version.version))
+            run._do(lambda client, _: client.set_registered_model_alias(register_as, alias, version.version))
         return info.model_uri
     except Exception as error:
         run._disable(error)

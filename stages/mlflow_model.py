@@ -3,6 +3,7 @@
 `mlflow.pyfunc.load_model(uri).predict(token_ids)` returns next-token logits, [batch][seq][vocab]; token_ids is
 a list of equal-length lists of ints, a 2-D integer NumPy array or a DataFrame (rows = sequences).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -10,18 +11,20 @@ from typing import Any
 import numpy as np
 import torch
 from mlflow.models import set_model
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 
 class DeepSeekPyfunc(PythonModel):
-    def load_context(self, context) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         from deepseek.checkpoint import load_model
 
         self.model = load_model(context.artifacts["model"]).eval()
 
     # No type hint on model_input: MLflow validates input against it, and list[list[int]] refuses a NumPy array
     # while list[Any] reads a DataFrame's first column only. Unhinted, MLflow passes the input through as given.
-    def predict(self, model_input, params: dict[str, Any] | None = None) -> list[list[list[float]]]:  # noqa: ANN001
+    def predict(  # type: ignore[no-untyped-def,override]
+        self, model_input, params: dict[str, Any] | None = None
+    ) -> list[list[list[float]]]:
         """Token ids, one row per sequence, all of one length -> logits, [batch][seq][vocab] nested lists.
 
         model_input: a list of lists of ints, a 2-D integer NumPy array, or a pandas DataFrame whose rows are

@@ -8,6 +8,7 @@ Choices a reader may want to know:
 - "lines" counts "\\n"-separated lines, plus an unterminated last one; str.splitlines would also split on
   \\r, \\f, \\u2028 and friends.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,12 +18,13 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from deepseek.errors import UserError, first_line
 from deepseek.files import check_replaceable, replacing_dir
-from deepseek.params import DataParams
+from stages.params import DataParams
 
 PREPARED_DIR = "data/prepared"
 OUTPUT_FILES = ("train.txt", "val.txt", "stats.json")
@@ -37,8 +39,7 @@ def prepare_corpus(params: DataParams, out_dir: str | Path = PREPARED_DIR) -> di
     check_replaceable(out_dir, marker="stats.json")
     text = obtain_text(params)
     train, val = split_text(text, params.val_fraction)
-    stats = {"source": params.source, **text_stats(text), "train_characters": len(train),
-             "val_characters": len(val)}
+    stats = {"source": params.source, **text_stats(text), "train_characters": len(train), "val_characters": len(val)}
     write_prepared(out_dir, train, val, stats)
     return stats
 
@@ -58,8 +59,10 @@ def read_shakespeare(path: str | Path, url: str, sha256: str) -> str:
     text = read_text_file(path)
     actual = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if actual != sha256:
-        raise UserError(f"{path} has sha256 {actual} but data.sha256 is {sha256}: set data.sha256 to {actual} "
-                        f"if this is the text you want, or replace the file (delete it to download data.url again)")
+        raise UserError(
+            f"{path} has sha256 {actual} but data.sha256 is {sha256}: set data.sha256 to {actual} "
+            f"if this is the text you want, or replace the file (delete it to download data.url again)"
+        )
     return text
 
 
@@ -79,13 +82,22 @@ def download(url: str, dest: str | Path, sha256: str) -> None:
                     while chunk := response.read(1 << 16):
                         digest.update(chunk)
                         out.write(chunk)
-            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
-                    ValueError) as error:
-                raise UserError(f"could not download {url} ({_reason(error)}): check your connection (offline?) "
-                                f"and data.url, or copy the file to {dest} yourself and rerun") from None
+            except (
+                urllib.error.URLError,
+                http.client.HTTPException,
+                ConnectionError,
+                TimeoutError,
+                ValueError,
+            ) as error:
+                raise UserError(
+                    f"could not download {url} ({_reason(error)}): check your connection (offline?) "
+                    f"and data.url, or copy the file to {dest} yourself and rerun"
+                ) from None
         if digest.hexdigest() != sha256:
-            raise UserError(f"{url} downloaded with sha256 {digest.hexdigest()} but data.sha256 is {sha256}: "
-                            f"check data.url and data.sha256")
+            raise UserError(
+                f"{url} downloaded with sha256 {digest.hexdigest()} but data.sha256 is {sha256}: "
+                f"check data.url and data.sha256"
+            )
         os.replace(temp, dest)
     finally:
         temp.unlink(missing_ok=True)
@@ -103,8 +115,10 @@ def read_text_file(path: str | Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text: byte 0x{raw[error.start]:02x} at offset {error.start} "
-                        f"is invalid; convert the file to UTF-8 (e.g. with iconv) and rerun") from None
+        raise UserError(
+            f"{path} is not UTF-8 text: byte 0x{raw[error.start]:02x} at offset {error.start} "
+            f"is invalid; convert the file to UTF-8 (e.g. with iconv) and rerun"
+        ) from None
 
 
 def stream_smollm(dataset: str, subset: str, max_chars: int) -> str:
@@ -152,9 +166,11 @@ def _documents(dataset: str, subset: str) -> Iterator[str]:
 
 
 def _stream_error(dataset: str, subset: str, error: Exception) -> UserError:
-    return UserError(f"could not stream {dataset} ({subset}): {_reason(error)}; check your connection, "
-                     f"data.smollm_dataset and data.smollm_subset, or set data.smollm_dataset to a local "
-                     f"directory laid out like the hub repository")
+    return UserError(
+        f"could not stream {dataset} ({subset}): {_reason(error)}; check your connection, "
+        f"data.smollm_dataset and data.smollm_subset, or set data.smollm_dataset to a local "
+        f"directory laid out like the hub repository"
+    )
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
@@ -162,8 +178,10 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     cut = int(len(text) * (1 - val_fraction))
     train, val = text[:cut], text[cut:]
     if min(len(train), len(val)) < MIN_SPLIT_CHARS:
-        raise UserError(f"the text has {len(text)} characters: too short to split with data.val_fraction = "
-                        f"{val_fraction} (each side needs at least {MIN_SPLIT_CHARS}); use a longer corpus")
+        raise UserError(
+            f"the text has {len(text)} characters: too short to split with data.val_fraction = "
+            f"{val_fraction} (each side needs at least {MIN_SPLIT_CHARS}); use a longer corpus"
+        )
     return train, val
 
 

@@ -1,4 +1,5 @@
 """PNG figures people would rather look at than read: loss curves and expert load."""
+
 from __future__ import annotations
 
 import os
@@ -7,12 +8,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
@@ -21,13 +23,18 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def loss_curves(train_rows: list[dict[str, float]], val_rows: list[dict[str, float]], final_val_loss: float,
-                path: Path) -> Path:
+def loss_curves(
+    train_rows: list[dict[str, float]], val_rows: list[dict[str, float]], final_val_loss: float, path: Path
+) -> Path:
     """Training loss, the sampled validation loss of training, and the whole-split one of evaluate, by step."""
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train (logging window)")
-    ax.plot([r["step"] for r in val_rows], [r["val_loss_sampled"] for r in val_rows], "o-",
-            label="validation, sampled batches")
+    ax.plot(
+        [r["step"] for r in val_rows],
+        [r["val_loss_sampled"] for r in val_rows],
+        "o-",
+        label="validation, sampled batches",
+    )
     last_step = max((r["step"] for r in train_rows + val_rows), default=0)
     ax.plot([last_step], [final_val_loss], "*", markersize=12, label="validation, whole split (evaluate)")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="Loss")
@@ -50,9 +57,13 @@ def expert_load(fractions: np.ndarray, path: Path) -> Path:
     image = ax.imshow(percent, cmap="RdBu_r", vmin=uniform - spread, vmax=uniform + spread, aspect="auto")
     for (layer, expert), share in np.ndenumerate(percent):
         dark = abs(share - uniform) > 0.6 * spread
-        ax.text(expert, layer, f"{share:.1f}", ha="center", va="center", fontsize=8,
-                color="white" if dark else "black")
-    ax.set(xlabel="expert", ylabel="MoE layer", title=f"Expert load (uniform = {uniform:.1f}%)",
-           xticks=range(experts), yticks=range(layers))
+        ax.text(expert, layer, f"{share:.1f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set(
+        xlabel="expert",
+        ylabel="MoE layer",
+        title=f"Expert load (uniform = {uniform:.1f}%)",
+        xticks=range(experts),
+        yticks=range(layers),
+    )
     fig.colorbar(image, ax=ax, label="% of routed tokens")
     return _save(fig, path)

@@ -1,9 +1,10 @@
 """The CI regression gate: train the CI profile, compare with the committed baseline, print one table.
 
-`python -m deepseek.regression check` fails (exit 1) when validation bits per character, global MaxVio
+`python .ci/regression.py check` fails (exit 1) when validation bits per character, global MaxVio
 or relative training throughput regress beyond .ci/tolerances.yaml, or when dvc.lock is out of date
-with the code and params. `python -m deepseek.regression update-baseline` records a new baseline.
+with the code and params. `python .ci/regression.py update-baseline` records a new baseline.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,11 +27,12 @@ import torch
 import yaml
 from torch import nn
 
-from deepseek.config import ModelConfig
+from deepseek.checkpoint import run_fingerprint
+from deepseek.config import ModelConfig, TrainConfig
 from deepseek.files import write_json
 from deepseek.model import DeepSeekLM
-from deepseek.params import TrainParams, load_yaml, parse_params
-from deepseek.trainer import build_optimizer, run_fingerprint
+from deepseek.trainer import build_optimizer
+from stages.params import load_yaml, parse_params
 
 PROFILE = Path(".ci/profile.yaml")
 TOLERANCES = Path(".ci/tolerances.yaml")
@@ -48,6 +50,7 @@ class Row:
 
 
 # --- dvc.lock freshness ---------------------------------------------------------------------------------------
+
 
 def stale_lock_entries(status: dict[str, Any]) -> list[str]:
     """What `dvc status --json` says has changed since dvc.lock, ignoring outputs that are merely absent.
@@ -78,6 +81,7 @@ def lock_status(repo: Path) -> list[str]:
 
 # --- throughput, relative to a reference timed in the same process ---------------------------------------------
 
+
 class ReferenceLM(nn.Module):
     """A fixed dense transformer built only from torch.nn, so our code changes never change it."""
 
@@ -95,6 +99,7 @@ class ReferenceLM(nn.Module):
 
 def _training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> Callable[[], None]:
     """One optimizer step on ids: forward, backward, clipping, update (and, for ours, the balancing update)."""
+
     def step() -> None:
         if isinstance(model, DeepSeekLM):
             loss = model(ids[:, :-1], ids[:, 1:]).loss
@@ -106,10 +111,11 @@ def _training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torc
         optimizer.zero_grad(set_to_none=True)
         if isinstance(model, DeepSeekLM):
             model.update_expert_bias()
+
     return step
 
 
-def interleaved_throughput(config: ModelConfig, train: TrainParams, rounds: int = 30, warmup: int = 3) -> list[float]:
+def interleaved_throughput(config: ModelConfig, train: TrainConfig, rounds: int = 30, warmup: int = 3) -> list[float]:
     """Our training step's speed over ReferenceLM's, once per round of one step each, alternating which goes first.
 
     Both see the same batch of train.micro_batch_size x train.seq_len tokens. Load from other processes
@@ -138,14 +144,22 @@ def interleaved_throughput(config: ModelConfig, train: TrainParams, rounds: int 
 
 # --- running the CI profile -----------------------------------------------------------------------------------
 
+
 def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@localhost", "GIT_COMMITTER_NAME": "ci",
-           "GIT_COMMITTER_EMAIL": "ci@localhost", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "ci",
+        "GIT_AUTHOR_EMAIL": "ci@localhost",
+        "GIT_COMMITTER_NAME": "ci",
+        "GIT_COMMITTER_EMAIL": "ci@localhost",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     env.pop("DVC_ROOT", None)
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise click.ClickException(f"{' '.join(args)} failed in {cwd}:\n{result.stdout[-3000:]}\n"
-                                   f"{result.stderr[-3000:]}")
+        raise click.ClickException(
+            f"{' '.join(args)} failed in {cwd}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -156,7 +170,7 @@ def scratch_copy(repo: Path) -> Iterator[Path]:
     applied to the workspace (`dvc exp run` writes both) changes nothing here."""
     with tempfile.TemporaryDirectory(prefix="deepseek-regression-") as tmp:
         workdir = Path(tmp)
-        for name in _run(["git", "ls-files"], repo).stdout.splitlines() + ["data/input-1.txt"]:
+        for name in [*_run(["git", "ls-files"], repo).stdout.splitlines(), "data/input-1.txt"]:
             if (repo / name).is_file() and not name.startswith("reports/"):
                 (workdir / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(repo / name, workdir / name)
@@ -199,9 +213,11 @@ def run_profile(workdir: Path, params: dict[str, Any], baseline: dict[str, Any] 
     _run(["dvc", "repro", "tokenize"], workdir)
     _run(["dvc", "repro", "--no-run-cache"], workdir)  # always train: a cached result would test nothing
     diff = _run(["dvc", "metrics", "diff", "--md", "--all"], workdir, check=False)
-    return {"reports": {"metrics.json": json.loads((workdir / METRICS).read_text())},
-            "vocab_size": json.loads((workdir / "data" / "tokens" / "meta.json").read_text())["vocab_size"],
-            "metrics_diff": diff.stdout if diff.returncode == 0 else f"(dvc metrics diff failed: {diff.stderr})"}
+    return {
+        "reports": {"metrics.json": json.loads((workdir / METRICS).read_text())},
+        "vocab_size": json.loads((workdir / "data" / "tokens" / "meta.json").read_text())["vocab_size"],
+        "metrics_diff": diff.stdout if diff.returncode == 0 else f"(dvc metrics diff failed: {diff.stderr})",
+    }
 
 
 def measure(workdir: Path, params: dict[str, Any], baseline: dict[str, Any] | None, rounds: int) -> dict[str, Any]:
@@ -211,16 +227,22 @@ def measure(workdir: Path, params: dict[str, Any], baseline: dict[str, Any] | No
     click.echo(f"timing {rounds} interleaved rounds of our training step and the reference's ...")
     ratios = interleaved_throughput(parsed.model.config(result["vocab_size"]), parsed.train, rounds)
     val = result["reports"]["metrics.json"]["val"]
-    result["metrics"] = {"bits_per_character": val["bits_per_character"], "max_vio": val["max_vio"],
-                         "relative_throughput": statistics.median(ratios)}
+    result["metrics"] = {
+        "bits_per_character": val["bits_per_character"],
+        "max_vio": val["max_vio"],
+        "relative_throughput": statistics.median(ratios),
+    }
     deciles = statistics.quantiles(ratios, n=10)
-    result["throughput_spread"] = (f"relative throughput: median {statistics.median(ratios):.3f} of {rounds} "
-                                   f"interleaved rounds; 10th-90th percentile {deciles[0]:.3f}-{deciles[-1]:.3f}, "
-                                   f"min {min(ratios):.3f}, max {max(ratios):.3f}")
+    result["throughput_spread"] = (
+        f"relative throughput: median {statistics.median(ratios):.3f} of {rounds} "
+        f"interleaved rounds; 10th-90th percentile {deciles[0]:.3f}-{deciles[-1]:.3f}, "
+        f"min {min(ratios):.3f}, max {max(ratios):.3f}"
+    )
     return result
 
 
 # --- comparing --------------------------------------------------------------------------------------------------
+
 
 def compare(baseline: dict[str, float], now: dict[str, float], tolerances: dict[str, dict]) -> list[Row]:
     rows = []
@@ -230,16 +252,18 @@ def compare(baseline: dict[str, float], now: dict[str, float], tolerances: dict[
         allowed = rule.get("abs", 0.0) + rule.get("rel", 0.0) * abs(old)
         worse_by = new - old if lower else old - new
         limit = old + allowed if lower else old - allowed
-        tolerance = f"{'<=' if lower else '>='} {limit:.4f} ({'+' if lower else '-'}" + (
-            f"{rule['abs']}" if "abs" in rule else f"{rule['rel']:.0%}") + ")"
+        tolerance = (
+            f"{'<=' if lower else '>='} {limit:.4f} ({'+' if lower else '-'}"
+            + (f"{rule['abs']}" if "abs" in rule else f"{rule['rel']:.0%}")
+            + ")"
+        )
         rows.append(Row(metric, f"{old:.4f}", f"{new:.4f}", tolerance, worse_by <= allowed + 1e-12))
     return rows
 
 
 def render(rows: list[Row]) -> str:
     lines = ["| metric | baseline | now | tolerance | verdict |", "| --- | ---: | ---: | --- | --- |"]
-    lines += [f"| {r.metric} | {r.baseline} | {r.now} | {r.tolerance} | {'PASS' if r.ok else 'FAIL'} |"
-              for r in rows]
+    lines += [f"| {r.metric} | {r.baseline} | {r.now} | {r.tolerance} | {'PASS' if r.ok else 'FAIL'} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -255,24 +279,48 @@ def _parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
 
 # --- command line -----------------------------------------------------------------------------------------------
 
+
 @click.group()
 def main() -> None:
     """The regression gate that CI runs after the tests."""
 
 
 def _common(command):
-    for option in reversed([
-        click.option("--repo", default=".", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-                     help="The project checkout to test: its working tree's code, its committed params.yaml."),
-        click.option("--profile", default=str(PROFILE), show_default=True, type=click.Path(path_type=Path),
-                     help="Params merged over the committed params.yaml for the CI run."),
-        click.option("--baseline", "baseline_path", default=str(BASELINE), show_default=True,
-                     type=click.Path(path_type=Path)),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                     help="Extra params over the profile, e.g. --set train.lr=0 (to see the gate fail)."),
-        click.option("--rounds", default=40, show_default=True, type=click.IntRange(min=3),
-                     help="Interleaved rounds (one step of ours, one of the reference) timing the throughput."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--repo",
+                default=".",
+                show_default=True,
+                type=click.Path(file_okay=False, path_type=Path),
+                help="The project checkout to test: its working tree's code, its committed params.yaml.",
+            ),
+            click.option(
+                "--profile",
+                default=str(PROFILE),
+                show_default=True,
+                type=click.Path(path_type=Path),
+                help="Params merged over the committed params.yaml for the CI run.",
+            ),
+            click.option(
+                "--baseline", "baseline_path", default=str(BASELINE), show_default=True, type=click.Path(path_type=Path)
+            ),
+            click.option(
+                "--set",
+                "overrides",
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="Extra params over the profile, e.g. --set train.lr=0 (to see the gate fail).",
+            ),
+            click.option(
+                "--rounds",
+                default=40,
+                show_default=True,
+                type=click.IntRange(min=3),
+                help="Interleaved rounds (one step of ours, one of the reference) timing the throughput.",
+            ),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -281,13 +329,21 @@ def _common(command):
 @_common
 @click.option("--tolerances", default=str(TOLERANCES), show_default=True, type=click.Path(path_type=Path))
 @click.option("--no-lock-check", is_flag=True, help="Skip the dvc.lock check (for a work in progress).")
-def check(repo: Path, profile: Path, baseline_path: Path, overrides: tuple[str, ...], rounds: int, tolerances: Path,
-          no_lock_check: bool) -> None:
+def check(
+    repo: Path,
+    profile: Path,
+    baseline_path: Path,
+    overrides: tuple[str, ...],
+    rounds: int,
+    tolerances: Path,
+    no_lock_check: bool,
+) -> None:
     """Train the CI profile and fail if it regressed against the baseline, or if dvc.lock is stale."""
     repo = repo.resolve()
     if not (repo / baseline_path).exists():
-        raise click.ClickException(f"no baseline at {baseline_path}: run `python -m deepseek.regression "
-                                   "update-baseline` and commit it")
+        raise click.ClickException(
+            f"no baseline at {baseline_path}: run `python .ci/regression.py update-baseline` and commit it"
+        )
     baseline = json.loads((repo / baseline_path).read_text())
     with scratch_copy(repo) as workdir:
         stale = [] if no_lock_check else lock_status(workdir)
@@ -295,19 +351,35 @@ def check(repo: Path, profile: Path, baseline_path: Path, overrides: tuple[str, 
         result = measure(workdir, params, baseline, rounds)
     rows = compare(baseline["metrics"], result["metrics"], load_yaml((repo / tolerances).read_text()))
     if not no_lock_check:
-        rows.append(Row("dvc.lock up to date", "yes", "yes" if not stale else "no: " + "; ".join(stale[:4]),
-                        "must be yes (run `dvc repro` and commit dvc.lock)", not stale))
+        rows.append(
+            Row(
+                "dvc.lock up to date",
+                "yes",
+                "yes" if not stale else "no: " + "; ".join(stale[:4]),
+                "must be yes (run `dvc repro` and commit dvc.lock)",
+                not stale,
+            )
+        )
     same_profile = baseline.get("profile_hash") == run_fingerprint(params)
-    rows.append(Row("baseline made with this profile", "yes", "yes" if same_profile else "no",
-                    "must be yes (update the baseline after changing the profile)", same_profile))
+    rows.append(
+        Row(
+            "baseline made with this profile",
+            "yes",
+            "yes" if same_profile else "no",
+            "must be yes (update the baseline after changing the profile)",
+            same_profile,
+        )
+    )
     table = render(rows)
     click.echo("\nDVC metrics, baseline -> now:\n" + result["metrics_diff"])
     click.echo(result["throughput_spread"] + "\n")
     click.echo(table)
     if os.environ.get("GITHUB_STEP_SUMMARY"):
         with open(os.environ["GITHUB_STEP_SUMMARY"], "a") as summary:
-            summary.write(f"## Regression check\n\n{table}\n\n{result['throughput_spread']}\n\n"
-                          f"### DVC metrics\n\n{result['metrics_diff']}\n")
+            summary.write(
+                f"## Regression check\n\n{table}\n\n{result['throughput_spread']}\n\n"
+                f"### DVC metrics\n\n{result['metrics_diff']}\n"
+            )
     if not all(row.ok for row in rows):
         raise click.ClickException("regression check failed: see the FAIL rows above")
     click.echo("regression check passed")
@@ -321,10 +393,13 @@ def update_baseline(repo: Path, profile: Path, baseline_path: Path, overrides: t
     with scratch_copy(repo) as workdir:
         params = profile_params(workdir, repo / profile, _parse_overrides(overrides))
         result = measure(workdir, params, None, rounds)
-    baseline = {"metrics": result["metrics"], "reports": result["reports"],
-                "profile_hash": run_fingerprint(params), "machine": f"{platform.processor() or platform.machine()}, "
-                f"{os.cpu_count()} cores, torch {torch.__version__}",
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    baseline = {
+        "metrics": result["metrics"],
+        "reports": result["reports"],
+        "profile_hash": run_fingerprint(params),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     write_json(repo / baseline_path, baseline)
     click.echo(result["throughput_spread"])
     click.echo(json.dumps(result["metrics"], indent=2))
