@@ -50,45 +50,23 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        positive = (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-            "max_seq_len",
-            "num_routed_experts",
-            "num_experts_per_tok",
-            "moe_intermediate_size",
-            "intermediate_size",
-            "n_group",
-            "topk_group",
-        )
-        for name in positive:
-            require(
-                isinstance(getattr(self, name), int)
-                and not isinstance(getattr(self, name), bool)
-                and getattr(self, name) > 0,
-                name,
-                "must be a positive integer",
-            )
+        self._check_values()
+        self._check_consistency()
+
+    def _check_values(self) -> None:
+        for name in _POSITIVE_INTEGERS:
+            require(_is_integer(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive integer")
         for name in ("q_lora_rank", "num_shared_experts", "first_k_dense_layers"):
-            value = getattr(self, name)
-            require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                name,
-                "must be a non-negative integer",
-            )
+            require(_is_integer(getattr(self, name)) and getattr(self, name) >= 0, name, "must be an integer >= 0")
         for name in ("rope_theta", "rms_norm_eps", "init_std", "routed_scaling_factor"):
             require(_is_number(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive number")
         for name in ("bias_update_rate", "seq_aux_loss_coef"):
             require(_is_number(getattr(self, name)) and getattr(self, name) >= 0, name, "must be a number >= 0")
         require(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be true or false")
-        require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         require(self.score_func in ("sigmoid", "softmax"), "score_func", "must be 'sigmoid' or 'softmax'")
+
+    def _check_consistency(self) -> None:
+        require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         require(
             self.first_k_dense_layers <= self.num_layers,
             "first_k_dense_layers",
@@ -207,6 +185,29 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.micro_batch_size * self.grad_accum_steps * self.seq_len
+
+
+_POSITIVE_INTEGERS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "max_seq_len",
+    "num_routed_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "intermediate_size",
+    "n_group",
+    "topk_group",
+)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+from transformers import PreTrainedTokenizerBase
 
 from deepseek import distributed
 from deepseek.checkpoint import (
@@ -29,7 +30,7 @@ from deepseek.trainer import Sampler, Trainer, TrainingStopped, TrainOutputs, se
 from stages import tracking
 from stages.code import code_version
 from stages.errors import report_user_errors
-from stages.params import DataParams, Params, load_params
+from stages.params import DataParams, Params, SampleParams, load_params
 from stages.tokenizer import load_meta, load_tokenizer, load_tokens
 
 
@@ -96,23 +97,12 @@ def train(
     if distributed.is_main():
         run.write_run_file(reports_dir / tracking.RUN_FILE)
 
-    sample = params.sample
-    sampler = Sampler(
-        encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-        decode=lambda ids: str(tokenizer.decode(ids)),
-        prompt=sample.prompts[0],
-        max_new_tokens=sample.max_new_tokens,
-        temperature=sample.temperature,
-        top_k=sample.top_k,
-        top_p=sample.top_p,
-        seed=sample.seed,
-    )
     trainer = Trainer(
         model,
         params.train,
         params.seed,
         TrainOutputs(model_dir / "checkpoints", reports_dir),
-        sampler=sampler,
+        sampler=_sampler(params.sample, tokenizer),
         sinks=[run],
         checkpoint_info={"fingerprint": fingerprint, "mlflow_run_id": run.run_id},
     )
@@ -129,6 +119,20 @@ def train(
         raise
     if distributed.is_main():
         _save_outputs(model, metrics | {"parameters": counts}, run, params, model_dir, tokenizer_dir, reports_dir)
+
+
+def _sampler(sample: SampleParams, tokenizer: PreTrainedTokenizerBase) -> Sampler:
+    """Training's periodic sample: the first of the sample stage's prompts, with its settings."""
+    return Sampler(
+        encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        decode=lambda ids: str(tokenizer.decode(ids)),
+        prompt=sample.prompts[0],
+        max_new_tokens=sample.max_new_tokens,
+        temperature=sample.temperature,
+        top_k=sample.top_k,
+        top_p=sample.top_p,
+        seed=sample.seed,
+    )
 
 
 def _tracking_run(

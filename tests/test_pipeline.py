@@ -46,6 +46,15 @@ def test_pipeline_end_to_end(repo):
     run(["dvc", "checkout", "-q"], repo)
     # 2. Experiments, `dvc exp show`, metrics and plots diffs: every command the docs show runs in test_docs.py.
 
+    # 5. Code: an edit to the latent-cache code makes every stage that runs it out of date, even the sample
+    # stage, whose input (the trained model) would come out bit-identical.
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    with open(repo / "deepseek" / "attention.py", "a") as source:
+        source.write("# an edit\n")
+    changed = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+    assert set(changed) == {"train", "evaluate", "sample"}
+    run(["git", "checkout", "-q", "deepseek/attention.py"], repo)
+
 
 @pytest.mark.slow
 def test_exported_model_generates_what_deepseek_generate_does(repo):
