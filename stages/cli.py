@@ -10,15 +10,13 @@ import torch
 from deepseek.checkpoint import TOKENIZER, load_model
 from deepseek.errors import UserError
 from deepseek.generate import generate_text
-from stages.errors import report_user_errors
 from stages.evaluate import evaluate
+from stages.options import model_option, report_user_errors
 from stages.prepare import prepare
 from stages.sample import sample
 from stages.tokenize import tokenize
 from stages.tokenizer import load_tokenizer
 from stages.train import train
-
-DEFAULT_MODEL = Path("model/final")  # what the pipeline's train stage writes
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,14 +33,7 @@ for stage in (prepare, tokenize, train, evaluate, sample):
 
 @main.command()
 @click.argument("prompt")
-@click.option(
-    "--model",
-    "model_dir",
-    default=DEFAULT_MODEL,
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="A model directory written by the train stage.",
-)
+@model_option
 @click.option("--max-new-tokens", default=200, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--temperature",
@@ -78,14 +69,7 @@ def generate(
 
 
 @main.command("export-hf")
-@click.option(
-    "--model",
-    "model_dir",
-    default=DEFAULT_MODEL,
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="A model directory written by the train stage.",
-)
+@model_option
 @click.option(
     "--out",
     "out_dir",

@@ -12,15 +12,13 @@ from deepseek.checkpoint import load_model
 from deepseek.evaluation import evaluate as evaluate_model
 from deepseek.files import write_json, write_text
 from stages import figures, tracking
-from stages.errors import report_user_errors
+from stages.options import params_option, report_user_errors
 from stages.params import load_params
 from stages.tokenizer import load_meta, load_tokens
 
 
 @click.command()
-@click.option(
-    "--params", "params_path", default="params.yaml", show_default=True, type=click.Path(), help="Parameters file."
-)
+@params_option
 @click.option("--model-dir", default="model/final", show_default=True, type=click.Path(path_type=Path))
 @click.option("--tokens-dir", default="data/tokens", show_default=True, type=click.Path(path_type=Path))
 @click.option(

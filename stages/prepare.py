@@ -5,19 +5,12 @@ from __future__ import annotations
 import click
 
 from stages.data import PREPARED_DIR, prepare_corpus
-from stages.errors import report_user_errors
-from stages.params import PARAMS_FILE, load_params
+from stages.options import params_option, report_user_errors
+from stages.params import load_params
 
 
 @click.command()
-@click.option(
-    "--params",
-    "params_path",
-    default=PARAMS_FILE,
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Parameters file; all of it is checked, the data section is used.",
-)
+@params_option
 @click.option(
     "--out",
     "out_dir",

@@ -11,15 +11,13 @@ from deepseek.checkpoint import TOKENIZER, load_model
 from deepseek.files import write_json, write_text
 from deepseek.generate import generate_text
 from stages import tracking
-from stages.errors import report_user_errors
+from stages.options import params_option, report_user_errors
 from stages.params import load_params
 from stages.tokenizer import load_tokenizer
 
 
 @click.command()
-@click.option(
-    "--params", "params_path", default="params.yaml", show_default=True, type=click.Path(), help="Parameters file."
-)
+@params_option
 @click.option("--model-dir", default="model/final", show_default=True, type=click.Path(path_type=Path))
 @click.option(
     "--reports-dir",

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import click
 
-from stages.errors import report_user_errors
-from stages.params import PARAMS_FILE, load_params
+from stages.options import params_option, report_user_errors
+from stages.params import load_params
 from stages.tokenizer import PREPARED_DIR, TOKENIZER_DIR, TOKENS_DIR, tokenize_corpus
 
 
 @click.command()
-@click.option(
-    "--params",
-    "params_path",
-    default=PARAMS_FILE,
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Parameters file; all of it is checked, the tokenizer section is used.",
-)
+@params_option
 @click.option(
     "--prepared",
     "prepared_dir",

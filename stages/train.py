@@ -29,15 +29,13 @@ from deepseek.model import DeepSeekLM
 from deepseek.trainer import Sampler, Trainer, TrainingStopped, TrainOutputs, seed_everything
 from stages import tracking
 from stages.code import code_version
-from stages.errors import report_user_errors
+from stages.options import params_option, report_user_errors
 from stages.params import DataParams, Params, SampleParams, load_params
 from stages.tokenizer import load_meta, load_tokenizer, load_tokens
 
 
 @click.command()
-@click.option(
-    "--params", "params_path", default="params.yaml", show_default=True, type=click.Path(), help="Parameters file."
-)
+@params_option
 @click.option(
     "--data-stats",
     default="data/prepared/stats.json",

@@ -1,16 +1,36 @@
-"""How the pipeline's commands report errors: the user's mistakes as one line, everything else as is."""
+"""What the pipeline's commands share: the --params option, the model option, and how they report errors (the
+user's mistakes as one line, everything else as is)."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from deepseek.errors import UserError
+from stages.params import PARAMS_FILE
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+params_option = click.option(
+    "--params",
+    "params_path",
+    default=PARAMS_FILE,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Parameters file; all of it is checked before any work.",
+)
+model_option = click.option(
+    "--model",
+    "model_dir",
+    default=Path("model/final"),
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A model directory written by the train stage.",
+)
 
 
 def report_user_errors(command: F) -> F:
