@@ -22,7 +22,7 @@ from safetensors.torch import save_model as save_safetensors_model
 
 from deepseek.config import ModelConfig
 from deepseek.errors import UserError, first_line
-from deepseek.files import replacing_dir
+from deepseek.files import OWNER_FILE, DirectoryKind, remove_dir, remove_leftovers, replacing_dir
 from deepseek.model import DeepSeekLM
 
 WEIGHTS = "model.safetensors"
@@ -30,15 +30,19 @@ CONFIG = "config.json"
 TRAINER_STATE = "trainer_state.pt"
 INFO = "checkpoint.json"
 TOKENIZER = "tokenizer"
+SUPERSEDED = "superseded"  # in the checkpoints folder: checkpoints of other params, data or code, set aside
+MODEL_DIR = DirectoryKind("deepseek's save_model", frozenset({CONFIG, WEIGHTS, TOKENIZER}), WEIGHTS)
+CHECKPOINT_DIR = DirectoryKind("deepseek's save_checkpoint", frozenset({CONFIG, WEIGHTS, TRAINER_STATE, INFO}), INFO)
 
 
 def save_model(model: DeepSeekLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """config.json + model.safetensors, and a copy of the tokenizer so the directory stands alone."""
-    with replacing_dir(out_dir, marker=CONFIG) as tmp:
+    inputs = [tokenizer_dir] if tokenizer_dir is not None else []
+    with replacing_dir(out_dir, MODEL_DIR, inputs=inputs) as tmp:
         model.config.to_json(tmp / CONFIG)
         save_safetensors_model(model, str(tmp / WEIGHTS))
         if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, tmp / TOKENIZER)
+            shutil.copytree(tokenizer_dir, tmp / TOKENIZER, ignore=shutil.ignore_patterns(OWNER_FILE))
     return Path(out_dir)
 
 
@@ -83,14 +87,14 @@ def save_checkpoint(
     """
     directory = Path(directory)
     path = checkpoint_path(directory, step)
-    with replacing_dir(path, marker=INFO) as tmp:
+    with replacing_dir(path, CHECKPOINT_DIR) as tmp:
         model.config.to_json(tmp / CONFIG)
         save_safetensors_model(model, str(tmp / WEIGHTS))
         torch.save(trainer_state, tmp / TRAINER_STATE)
         hashes = {name: _sha256(tmp / name) for name in (CONFIG, WEIGHTS, TRAINER_STATE)}
         (tmp / INFO).write_text(json.dumps({"step": step, "sha256": hashes, **info}, indent=2) + "\n")
     for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)  # a kill mid-way leaves a trash copy for the next run to remove, never half a checkpoint
     return path
 
 
@@ -129,32 +133,56 @@ class ResumePoint:
         load_safetensors_model(model, str(self.path / WEIGHTS))
 
 
-def find_resume_point(directory: str | Path, fingerprint: str) -> ResumePoint | None:
-    """The newest intact checkpoint of this configuration, or None to start from scratch.
+def find_resume_point(directory: str | Path, fingerprint: dict[str, str]) -> ResumePoint | None:
+    """The newest intact checkpoint made with this fingerprint (what was trained: params, data, code), or None.
 
     A damaged or unsafe checkpoint is skipped with a warning, and the one before it is used. Checkpoints of
-    another configuration (another fingerprint) are removed, since training from them would silently
-    mix two runs.
+    another fingerprint are never resumed (that would mix two runs) and never deleted: they are moved to
+    directory/superseded/, with a warning that says what changed and where they went. Leftovers of killed
+    processes (copies being written or deleted, checkpoints a kill left without checkpoint.json) are removed.
     """
-    for leftover in Path(directory).glob(".step_*"):  # a checkpoint being written when the process was killed
-        shutil.rmtree(leftover, ignore_errors=True)
+    directory = Path(directory)
+    remove_leftovers(directory)
+    for incomplete in directory.glob("step_*"):
+        if (
+            incomplete.is_dir()
+            and not (incomplete / INFO).exists()
+            and CHECKPOINT_DIR.files >= set(item.name for item in incomplete.iterdir())
+        ):
+            remove_dir(incomplete)
     checkpoints = list_checkpoints(directory)
-    foreign = [c for c in checkpoints if _read_info(c).get("fingerprint") not in (fingerprint, None)]
+    foreign = [c for c in checkpoints if _read_info(c).get("fingerprint") != fingerprint]
     if foreign:
-        warnings.warn(
-            f"{len(foreign)} checkpoint(s) in {directory} come from other params or data; "
-            "removing them and starting from scratch",
-            stacklevel=2,
-        )
-        for checkpoint in checkpoints:
-            shutil.rmtree(checkpoint, ignore_errors=True)
-        return None
-    for checkpoint in reversed(checkpoints):
+        _set_aside(foreign, directory, fingerprint)
+    for checkpoint in reversed([c for c in checkpoints if c not in foreign]):
         try:
             return _load_resume_point(checkpoint)
         except UserError as error:
             warnings.warn(f"skipping checkpoint {checkpoint.name}: {error}", stacklevel=2)
     return None
+
+
+def _set_aside(checkpoints: list[Path], directory: Path, fingerprint: dict[str, str]) -> None:
+    """Move checkpoints of another fingerprint to directory/superseded/NAME, and say why and where."""
+    theirs = _read_info(checkpoints[-1]).get("fingerprint")
+    changed = (
+        [part for part in fingerprint if theirs.get(part) != fingerprint[part]]
+        if isinstance(theirs, dict)
+        else ["the checkpoint format"]
+    )
+    destination = directory / SUPERSEDED / f"{'-'.join(changed).replace(' ', '_')}-{_short_id(theirs)}"
+    destination.mkdir(parents=True, exist_ok=True)
+    for checkpoint in checkpoints:
+        checkpoint.rename(destination / checkpoint.name)
+    warnings.warn(
+        f"the checkpoints in {directory} were made with other {' and '.join(changed)}, so training "
+        f"starts over; they are kept in {destination} (delete it if you do not need them)",
+        stacklevel=3,
+    )
+
+
+def _short_id(fingerprint: Any) -> str:
+    return run_fingerprint(fingerprint)[:8]
 
 
 def _read_info(checkpoint: Path) -> dict[str, Any]:

@@ -186,6 +186,21 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         return self.micro_batch_size * self.grad_accum_steps * self.seq_len
 
+    def optimisation(self) -> dict[str, Any]:
+        """The fields that change the trained weights, for resuming: not when to log, evaluate, sample or
+        checkpoint, nor how many loader workers or non-finite steps in a row to bear."""
+        bookkeeping = {
+            "log_interval",
+            "eval_interval",
+            "eval_batches",
+            "sample_interval",
+            "checkpoint_interval",
+            "keep_checkpoints",
+            "max_nonfinite_steps",
+            "num_workers",
+        }
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in bookkeeping}
+
 
 _POSITIVE_INTEGERS = (
     "vocab_size",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,11 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from deepseek.config import ModelConfig
 from deepseek.errors import UserError
-from deepseek.files import replacing_dir
+from deepseek.files import OWNER_FILE, DirectoryKind, replacing_dir
 from deepseek.model import DeepSeekLM
 
 if TYPE_CHECKING:
     from transformers import DeepseekV3Config
+
+HF_EXPORT_DIR = DirectoryKind("deepseek's export_hf")  # a marker alone: what an export holds depends on the tokenizer
 
 # Our name -> transformers' name, inside model.layers.{i}.
 _LAYER_RENAMES = {
@@ -197,12 +200,19 @@ def _deinterleave_rope_rows(weights: dict[str, torch.Tensor], prefix: str, confi
     weights[prefix + "wkv_a.weight"] = torch.cat((kv[: config.kv_lora_rank], kv[config.kv_lora_rank :][perm]))
 
 
-def export_hf(model: DeepSeekLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+def export_hf(
+    model: DeepSeekLM,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    inputs: Sequence[str | Path] = (),
+    force: bool = False,
+) -> Path:
     """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Tokenizer files from tokenizer_dir, if given, are copied beside the weights, and its end-of-text token
     becomes the config's eos_token_id, so that transformers' generate stops where ours does. The directory
-    appears whole or not at all.
+    appears whole or not at all, and replaces only an earlier export (or, with force, a folder of other files;
+    never one of inputs, the tokenizer, or another of this project's outputs).
     """
     eos_token_id = None
     if tokenizer_dir is not None:
@@ -210,12 +220,13 @@ def export_hf(model: DeepSeekLM, out_dir: str | Path, tokenizer_dir: str | Path 
 
         eos_token_id = AutoTokenizer.from_pretrained(tokenizer_dir).eos_token_id
     config = to_hf_config(model.config, eos_token_id)  # refuses what transformers cannot hold, before any write
-    with replacing_dir(out_dir, marker="config.json") as tmp:
+    sources = [*inputs, *([tokenizer_dir] if tokenizer_dir is not None else [])]
+    with replacing_dir(out_dir, HF_EXPORT_DIR, inputs=sources, force=force) as tmp:
         config.save_pretrained(tmp)
         save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer_dir is not None:
             for item in Path(tokenizer_dir).iterdir():
-                if item.is_file():
+                if item.is_file() and item.name != OWNER_FILE:
                     shutil.copy2(item, tmp / item.name)
     return Path(out_dir)
 

@@ -200,7 +200,8 @@ class Trainer:
         self.history = History()
         self.clock = ThroughputClock()
         self.step = 0  # optimizer steps done
-        self.nonfinite_streak = 0
+        self.nonfinite_streak = 0  # steps skipped in a row, up to now
+        self.skipped_steps = 0  # steps skipped in all
         self.main_rank = distributed.is_main()
         self._resumed_from: Path | None = None
         self._resume_rng: torch.Tensor | None = None
@@ -227,6 +228,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "window": self.window.state_dict(),
+            # A stop for non-finite steps must not become a success by rerunning: the streak goes on.
+            "nonfinite": {"streak": self.nonfinite_streak, "skipped": self.skipped_steps},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -234,6 +237,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.window.load_state_dict(state["window"])
+        self.nonfinite_streak, self.skipped_steps = state["nonfinite"]["streak"], state["nonfinite"]["skipped"]
         self._resume_rng = state["torch_rng"]  # restored once the data loader exists: making it draws from the RNG
 
     def resume(self, point: ResumePoint) -> None:
@@ -330,6 +334,7 @@ class Trainer:
             self.window.scored += self.config.tokens_per_step
         else:
             self.nonfinite_streak += 1
+            self.skipped_steps += 1
             self._say(
                 f"step {self.step:>6} | non-finite loss or gradient: step skipped ({self.nonfinite_streak} in a row)"
             )
@@ -348,12 +353,13 @@ class Trainer:
                 self._say(f"--- sample at step {done} ---\n{self._sample(self.sampler)}\n---")
             if done % c.checkpoint_interval == 0 or last:
                 self._checkpoint()
-        if self.nonfinite_streak >= c.max_nonfinite_steps:
+        if self.nonfinite_streak >= c.max_nonfinite_steps or (last and self.nonfinite_streak):
             path = self._checkpoint()
             raise TrainingStopped(
-                f"{self.nonfinite_streak} steps in a row had a non-finite loss or gradient "
-                f"(up to step {done}); stopped, checkpoint {path}. Lower train.lr or raise "
-                "train.grad_clip, then rerun to resume",
+                f"{self.nonfinite_streak} steps in a row had a non-finite loss or gradient (up to step {done}"
+                f"{', the last' if last else ''}): stopped, checkpoint {path}. Rerunning resumes there and stops "
+                "again unless the steps recover; a lower train.lr or a higher train.grad_clip trains from the "
+                "start instead",
                 exit_code=1,
             )
         if "signal" in stop and not last:
@@ -442,6 +448,7 @@ class Trainer:
             "val_loss_sampled": self.history.val[-1]["val_loss_sampled"] if self.history.val else None,
             "tokens_per_s": self.clock.overall if self.clock.total_s else final["tokens_per_s"],
             "steps": self.config.max_steps,
+            "skipped_steps": self.skipped_steps,
             "tokens": self.config.max_steps * self.config.tokens_per_step * distributed.world_size(),
         }
 

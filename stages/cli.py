@@ -75,11 +75,17 @@ def generate(
     "out_dir",
     default=Path("model/hf"),
     show_default=True,
-    type=click.Path(path_type=Path),
-    help="Directory to write; replaced if it exists.",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write. An earlier export there is replaced; anything else is refused (see --force).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUT even if it holds files of something else. Never the model read, a checkpoint, or another "
+    "output of this project.",
 )
 @report_user_errors
-def export_hf(model_dir: Path, out_dir: Path) -> None:
+def export_hf(model_dir: Path, out_dir: Path, force: bool) -> None:
     """Write a transformers DeepseekV3 directory (config, safetensors, tokenizer).
 
     Load it with transformers.AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).
@@ -88,7 +94,7 @@ def export_hf(model_dir: Path, out_dir: Path) -> None:
 
     model = load_model(model_dir)
     load_tokenizer(model_dir / TOKENIZER)  # fail early and clearly if the tokenizer is missing
-    export(model, out_dir, tokenizer_dir=model_dir / TOKENIZER)
+    export(model, out_dir, tokenizer_dir=model_dir / TOKENIZER, inputs=[model_dir], force=force)
     click.echo(f"wrote {out_dir}")
 
 

@@ -18,16 +18,17 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from deepseek.errors import UserError, first_line
-from deepseek.files import check_replaceable, replacing_dir
+from deepseek.files import DirectoryKind, check_replaceable, replacing_dir
 from stages.params import DataParams
 
 PREPARED_DIR = "data/prepared"
 OUTPUT_FILES = ("train.txt", "val.txt", "stats.json")
+PREPARED_KIND = DirectoryKind("deepseek prepare", frozenset(OUTPUT_FILES), "stats.json")
 DOWNLOAD_TIMEOUT_S = 30
 DOCUMENT_SEPARATOR = "\n\n"
 MIN_SPLIT_CHARS = 2  # one next-character prediction on each side of the split
@@ -36,11 +37,11 @@ MIN_SPLIT_CHARS = 2  # one next-character prediction on each side of the split
 def prepare_corpus(params: DataParams, out_dir: str | Path = PREPARED_DIR) -> dict[str, Any]:
     """Obtain the text, split it, and write train.txt, val.txt and stats.json into out_dir; returns the stats."""
     # Refuse a bad output folder before a download or a long stream, not after.
-    check_replaceable(out_dir, marker="stats.json")
+    check_replaceable(out_dir, PREPARED_KIND, inputs=[params.path])
     text = obtain_text(params)
     train, val = split_text(text, params.val_fraction)
     stats = {"source": params.source, **text_stats(text), "train_characters": len(train), "val_characters": len(val)}
-    write_prepared(out_dir, train, val, stats)
+    write_prepared(out_dir, train, val, stats, inputs=[params.path])
     return stats
 
 
@@ -195,9 +196,11 @@ def text_stats(text: str) -> dict[str, Any]:
     }
 
 
-def write_prepared(out_dir: str | Path, train: str, val: str, stats: dict[str, Any]) -> None:
+def write_prepared(
+    out_dir: str | Path, train: str, val: str, stats: dict[str, Any], inputs: Sequence[str | Path] = ()
+) -> None:
     """Write the three outputs so that all of them appear, or none."""
-    with replacing_dir(out_dir, marker="stats.json") as staging:
+    with replacing_dir(out_dir, PREPARED_KIND, inputs=inputs) as staging:
         # newline="" keeps "\n" as is on every platform, so the files hold exactly the split text.
         (staging / "train.txt").write_text(train, encoding="utf-8", newline="")
         (staging / "val.txt").write_text(val, encoding="utf-8", newline="")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from deepseek.errors import UserError, first_line
-from deepseek.files import check_replaceable, replacing_dir
+from deepseek.files import DirectoryKind, check_replaceable, replacing_dir
 from stages.data import OUTPUT_FILES as PREPARED_FILES
 from stages.data import PREPARED_DIR
 from stages.params import TokenizerParams
@@ -30,6 +30,12 @@ TOKENIZER_DIR = "data/tokenizer"
 TOKENS_DIR = "data/tokens"
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"  # written by save_pretrained for every kind
+TOKENIZER_KIND = DirectoryKind(
+    "deepseek tokenize (tokenizer)",
+    frozenset({TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}),
+    TOKENIZER_FILE,
+)
+TOKENS_KIND = DirectoryKind("deepseek tokenize (tokens)", frozenset({"train.bin", "val.bin", META_FILE}), META_FILE)
 RERUN = "run the tokenize stage first (python -m stages.tokenize)"
 
 # A chunk boundary goes right after a newline that has non-whitespace on both sides. There the GPT-2
@@ -53,17 +59,19 @@ def tokenize_corpus(
 
     Both outputs are replaced only once everything has succeeded; a failure leaves them as they were.
     """
-    # Refuse bad inputs and output folders before training a tokenizer, not after.
-    for directory, marker in ((tokenizer_dir, TOKENIZER_FILE), (tokens_dir, META_FILE)):
-        check_replaceable(directory, marker)
+    # Refuse bad inputs and output folders before training a tokenizer, not after. Neither output may be the
+    # input or the other output.
+    tokenizer_inputs, tokens_inputs = (prepared_dir, tokens_dir), (prepared_dir, tokenizer_dir)
+    check_replaceable(tokenizer_dir, TOKENIZER_KIND, inputs=tokenizer_inputs)
+    check_replaceable(tokens_dir, TOKENS_KIND, inputs=tokens_inputs)
     train_text, val_text, stats = read_prepared(prepared_dir)
     built = build_tokenizer(params, train_text)
-    with replacing_dir(tokenizer_dir, TOKENIZER_FILE) as staging:
+    with replacing_dir(tokenizer_dir, TOKENIZER_KIND, inputs=tokenizer_inputs) as staging:
         built.save_pretrained(staging)
         # Encode with the tokenizer as saved, so the ids are what AutoTokenizer.from_pretrained(dir) gives.
         tokenizer = load_tokenizer(staging)
         train_ids, val_ids = encode_corpus(tokenizer, train_text), encode_corpus(tokenizer, val_text)
-        return write_tokens(tokens_dir, tokenizer, train_ids, val_ids, stats, kind=params.kind)
+        return write_tokens(tokens_dir, tokenizer, train_ids, val_ids, stats, kind=params.kind, inputs=tokens_inputs)
 
 
 def read_prepared(prepared_dir: str | Path = PREPARED_DIR) -> tuple[str, str, dict[str, Any]]:
@@ -210,6 +218,7 @@ def write_tokens(
     val_ids: np.ndarray,
     stats: Mapping[str, Any],
     kind: str,
+    inputs: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Write train.bin, val.bin and meta.json to out_dir (replacing it whole) and return the meta.
 
@@ -230,7 +239,7 @@ def write_tokens(
         "val_characters": int(stats["val_characters"]),
         "eos_token_id": tokenizer.eos_token_id,
     }
-    with replacing_dir(out_dir, META_FILE) as staging:
+    with replacing_dir(out_dir, TOKENS_KIND, inputs=inputs) as staging:
         for split, ids in zip(SPLITS, (train_ids, val_ids), strict=True):
             np.ascontiguousarray(ids, dtype=dtype.newbyteorder("<")).tofile(staging / f"{split}.bin")
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

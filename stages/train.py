@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -17,6 +18,7 @@ from deepseek import distributed
 from deepseek.checkpoint import (
     CONFIG,
     INFO,
+    MODEL_DIR,
     WEIGHTS,
     ResumePoint,
     find_resume_point,
@@ -24,7 +26,7 @@ from deepseek.checkpoint import (
     run_fingerprint,
     save_model,
 )
-from deepseek.files import write_json
+from deepseek.files import check_replaceable, directory_lock, write_json
 from deepseek.model import DeepSeekLM
 from deepseek.trainer import Sampler, Trainer, TrainingStopped, TrainOutputs, seed_everything
 from stages import tracking
@@ -87,27 +89,49 @@ def train(
         f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token; "
         f"{params.train.max_steps} steps of {params.train.tokens_per_step:,} tokens"
     )
-    fingerprint = run_fingerprint(
-        config.to_dict(), vars(params.train), params.seed, meta, stats.get("sha256"), code_version()
-    )
-    resume = find_resume_point(model_dir / "checkpoints", fingerprint)
-    run = _tracking_run(params, config.to_dict(), counts, stats, resume, params_path, tokenizer_dir)
-    if distributed.is_main():
-        run.write_run_file(reports_dir / tracking.RUN_FILE)
+    # What the trained weights depend on; a checkpoint resumes only onto the same (stages/code.py: "code").
+    fingerprint = {
+        "params": run_fingerprint(config.to_dict(), params.train.optimisation(), params.seed),
+        "data": run_fingerprint(meta, stats.get("sha256")),
+        "code": code_version(),
+    }
+    # One training at a time writes model_dir (rank 0 writes for all ranks).
+    with directory_lock(model_dir, "training") if distributed.is_main() else nullcontext():
+        check_replaceable(model_dir / "final", MODEL_DIR, inputs=[tokenizer_dir])  # before training, not after
+        resume = _resume_point(model_dir / "checkpoints", fingerprint, params.train.max_steps)
+        run = _tracking_run(params, config.to_dict(), counts, stats, resume, params_path, tokenizer_dir)
+        if distributed.is_main():
+            run.write_run_file(reports_dir / tracking.RUN_FILE)
+        trainer = Trainer(
+            model,
+            params.train,
+            params.seed,
+            TrainOutputs(model_dir / "checkpoints", reports_dir),
+            sampler=_sampler(params.sample, tokenizer),
+            sinks=[run],
+            checkpoint_info={"fingerprint": fingerprint, "mlflow_run_id": run.run_id},
+        )
+        if resume is not None:
+            trainer.resume(resume)
+        metrics = _fit(trainer, run, tokens_dir)
+        if distributed.is_main():
+            _save_outputs(model, metrics | {"parameters": counts}, run, params, model_dir, tokenizer_dir, reports_dir)
 
-    trainer = Trainer(
-        model,
-        params.train,
-        params.seed,
-        TrainOutputs(model_dir / "checkpoints", reports_dir),
-        sampler=_sampler(params.sample, tokenizer),
-        sinks=[run],
-        checkpoint_info={"fingerprint": fingerprint, "mlflow_run_id": run.run_id},
-    )
-    if resume is not None:
-        trainer.resume(resume)
+
+def _resume_point(checkpoint_dir: Path, fingerprint: dict[str, str], max_steps: int) -> ResumePoint | None:
+    """Where an interrupted training of the same params, data and code stopped; None to start over, which a
+    finished training also does: rerunning it (dvc repro -f) trains again, in a new MLflow run."""
+    resume = find_resume_point(checkpoint_dir, fingerprint)
+    if resume is not None and resume.info["step"] >= max_steps:
+        click.echo(f"{resume.path} is a finished training of these params, data and code: training again")
+        return None
+    return resume
+
+
+def _fit(trainer: Trainer, run: tracking.Run, tokens_dir: Path) -> dict:
+    """trainer.fit, with the MLflow run closed as KILLED or FAILED, and the exit code, when it stops early."""
     try:
-        metrics = trainer.fit(load_tokens(tokens_dir, "train"), load_tokens(tokens_dir, "val"))
+        return trainer.fit(load_tokens(tokens_dir, "train"), load_tokens(tokens_dir, "val"))
     except TrainingStopped as stopped:
         run.finish("KILLED")
         click.echo(str(stopped) if stopped.by_signal else f"Error: {stopped}", err=True)
@@ -115,8 +139,6 @@ def train(
     except BaseException:
         run.finish("FAILED")
         raise
-    if distributed.is_main():
-        _save_outputs(model, metrics | {"parameters": counts}, run, params, model_dir, tokenizer_dir, reports_dir)
 
 
 def _sampler(sample: SampleParams, tokenizer: PreTrainedTokenizerBase) -> Sampler:

@@ -14,6 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from deepseek.errors import UserError
+from deepseek.files import OWNER_FILE
 from stages.data import (
     OUTPUT_FILES,
     download,
@@ -245,7 +246,7 @@ def test_rerun_replaces_outputs_whole(tmp_path):
     out = tmp_path / "prepared"
     write_prepared(out, "old train", "old val", {"characters": 1})
     write_prepared(out, "train", "val", {"characters": 2})
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES, OWNER_FILE])
     assert (out / "train.txt").read_text() == "train" and json.loads((out / "stats.json").read_text()) == {
         "characters": 2
     }
@@ -264,7 +265,7 @@ def test_foreign_output_folder_is_not_replaced(tmp_path):
     out = tmp_path / "data"
     out.mkdir()
     (out / "input-1.txt").write_text("precious")
-    with pytest.raises(UserError, match=r"holds files but no stats\.json"):
+    with pytest.raises(UserError, match=r"holds files that deepseek prepare did not write \(input-1\.txt\)"):
         write_prepared(out, "train", "val", {})
     assert [p.name for p in out.iterdir()] == ["input-1.txt"]
 

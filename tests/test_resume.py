@@ -7,10 +7,12 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -241,3 +243,50 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_training(tmp_path):
     for name, value in broken.state_dict().items():  # never trained on NaN: nothing moved
         if name != "norm.weight":
             assert torch.equal(value, before[name]), name
+
+
+def test_a_run_stopped_for_non_finite_steps_never_ends_as_a_success(tmp_path):
+    """Rerunning to resume continues the streak; a run whose last steps were skipped does not succeed either."""
+    import numpy as np
+
+    from deepseek.config import ModelConfig, TrainConfig
+    from deepseek.model import DeepSeekLM
+    from deepseek.trainer import Trainer, TrainingStopped, TrainOutputs
+
+    tokens = np.random.default_rng(0).integers(0, 65, 5000).astype(np.uint16)
+    params = TrainConfig(
+        max_steps=4,
+        micro_batch_size=2,
+        grad_accum_steps=1,
+        seq_len=16,
+        log_interval=1,
+        eval_interval=4,
+        eval_batches=1,
+        checkpoint_interval=100,
+        max_nonfinite_steps=3,
+    )
+    fingerprint = {"params": "p", "data": "d", "code": "c"}
+
+    def diverged() -> DeepSeekLM:
+        model = DeepSeekLM(ModelConfig.from_preset("tiny"))
+        with torch.no_grad():
+            model.norm.weight.fill_(float("nan"))
+        return model
+
+    def trainer(config: TrainConfig) -> Trainer:
+        outputs = TrainOutputs(tmp_path / "ck", tmp_path / "rep")
+        return Trainer(diverged(), config, 0, outputs, checkpoint_info={"fingerprint": fingerprint})
+
+    with pytest.raises(TrainingStopped, match="3 steps in a row"):
+        trainer(params).fit(tokens, tokens)
+    resumed = trainer(params)
+    resumed.resume(find_resume_point(tmp_path / "ck", fingerprint))
+    with pytest.raises(TrainingStopped, match=r"4 steps in a row had a non-finite .* the last") as stopped:
+        resumed.fit(tokens, tokens)  # one step left: it is skipped too, and the streak did not restart at 0
+    assert stopped.value.exit_code == 1
+    assert "a lower train.lr or a higher train.grad_clip trains from the start" in str(stopped.value)
+
+    patient = replace(params, max_nonfinite_steps=10)  # every step skipped, but fewer than the limit
+    shutil.rmtree(tmp_path / "ck")
+    with pytest.raises(TrainingStopped, match=r"4 steps in a row .* the last"):
+        trainer(patient).fit(tokens, tokens)

@@ -198,7 +198,7 @@ def test_failure_leaves_previous_outputs_whole(tmp_path, monkeypatch):
 def test_a_folder_of_other_files_is_not_replaced(tmp_path):
     (tmp_path / "tokens").mkdir()
     (tmp_path / "tokens" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a previous output"):
+    with pytest.raises(UserError, match=r"holds files that deepseek tokenize \(tokens\) did not write \(notes\.txt\)"):
         run_stage(tmp_path, TokenizerParams(kind="char"), CHAR_TRAIN, CHAR_VAL)
     assert (tmp_path / "tokens" / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "tokenizer").exists()
