@@ -51,20 +51,30 @@ class DirectoryKind:
         return bool(self.required) and self.required in names and names <= self.files
 
 
-def write_text(path: str | Path, text: str) -> Path:
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside path to write; it becomes path (fsynced) when the block succeeds, and vanishes
+    when it fails. A full disk is reported as one line naming path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except BaseException as error:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
-        raise _disk_full(error, path, len(text.encode("utf-8"))) from None
-    return path
+        if isinstance(error, OSError):
+            raise disk_full(error, path, written) from None
+        raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json(path: str | Path, values: Any) -> Path:
@@ -134,7 +144,7 @@ def replacing_dir(
         written = _size(staging)
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, OSError):
-            raise _disk_full(error, target, written) from None
+            raise disk_full(error, target, written) from None
         raise
     old = target.with_name(f".{target.name}.{os.getpid()}.old")
     if target.exists():
@@ -207,7 +217,7 @@ def _overlaps(target: Path, source: Path) -> bool:
     return target == source or source in target.parents or target in source.parents
 
 
-def _disk_full(error: OSError, path: Path, needed: int) -> OSError | UserError:
+def disk_full(error: OSError, path: Path, needed: int) -> OSError | UserError:
     """A full disk as one line naming the path and the space; any other OSError as itself."""
     if error.errno != errno.ENOSPC:
         return error

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deepseek.errors import UserError, first_line
-from deepseek.files import DirectoryKind, check_replaceable, replacing_dir
+from deepseek.files import DirectoryKind, atomic_file, check_replaceable, replacing_dir
 from stages.params import DataParams
 
 PREPARED_DIR = "data/prepared"
@@ -70,13 +68,9 @@ def read_shakespeare(path: str | Path, url: str, sha256: str) -> str:
 def download(url: str, dest: str | Path, sha256: str) -> None:
     """Fetch url into dest, checking its sha256; dest appears complete or not at all."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as dest, so os.replace is an atomic rename rather than a copy across file systems.
-    handle, temp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    temp = Path(temp_name)
-    try:
+    with atomic_file(dest) as temp:
         digest = hashlib.sha256()
-        with os.fdopen(handle, "wb") as out:
+        with open(temp, "wb") as out:
             # Only network failures become "could not download": a disk error while writing stays itself.
             try:
                 with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
@@ -99,9 +93,6 @@ def download(url: str, dest: str | Path, sha256: str) -> None:
                 f"{url} downloaded with sha256 {digest.hexdigest()} but data.sha256 is {sha256}: "
                 f"check data.url and data.sha256"
             )
-        os.replace(temp, dest)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def read_text_file(path: str | Path) -> str:

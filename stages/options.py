@@ -3,6 +3,7 @@ user's mistakes as one line, everything else as is)."""
 
 from __future__ import annotations
 
+import errno
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +35,8 @@ model_option = click.option(
 
 
 def report_user_errors(command: F) -> F:
-    """Turn UserError into click's one-line 'Error: ...' and exit status 1. Any other exception is a bug:
-    it keeps its traceback."""
+    """Turn UserError, and a full disk, into click's one-line 'Error: ...' and exit status 1. Any other exception
+    is a bug: it keeps its traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -43,5 +44,10 @@ def report_user_errors(command: F) -> F:
             return command(*args, **kwargs)
         except UserError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            where = f" writing {error.filename}" if error.filename else ""
+            raise click.ClickException(f"no space left on the device{where}: free some space and rerun") from None
 
     return wrapper  # type: ignore[return-value]

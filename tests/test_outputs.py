@@ -4,8 +4,10 @@ and leftovers of killed processes go away on the next run without touching a liv
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -268,3 +270,33 @@ def test_a_second_training_on_the_same_folder_is_refused_and_a_dead_ones_lock_is
     )
     assert third.returncode == 0, third.stderr
     assert json.loads((path / "reports" / "train_summary.json").read_text())["steps"] == 4  # the dead one's lock
+
+
+# --- a full disk ------------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_is_one_line_naming_the_path_in_every_stage(tmp_path, monkeypatch):
+    path = stage_workspace(tmp_path, monkeypatch, max_steps=2, checkpoint_interval=1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
+    assert CliRunner().invoke(main, ["train"]).exit_code == 0
+    before = {p: p.read_bytes() for p in (path / "data" / "prepared").iterdir()}
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    for stage, written in [
+        ("prepare", "data/prepared"),
+        ("tokenize", "data/tok"),
+        ("train", ("model/", "reports/")),
+        ("evaluate", "reports/"),
+        ("sample", "reports/"),
+    ]:
+        line = one_line_error(CliRunner().invoke(main, [stage]))
+        match = re.fullmatch(
+            r"Error: no space left on the device writing (\S+): it needed more than [\d.,]+ MiB "
+            r"and [\d.,]+ MiB are free; free some space and rerun",
+            line,
+        )
+        assert match and match[1].removeprefix(f"{path}/").startswith(written), (stage, line)
+    assert {p: p.read_bytes() for p in (path / "data" / "prepared").iterdir()} == before  # still whole

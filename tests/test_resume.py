@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from deepseek.checkpoint import find_resume_point, list_checkpoints
 
-from pipeline_utils import ROOT, stage_workspace
+from pipeline_utils import ROOT, set_params, stage_workspace
 
 # Slow enough per step (a few tens of ms) that a kill lands between checkpoints.
 RESUME_PARAMS = {
@@ -94,11 +94,11 @@ def uninterrupted(tmp_path_factory):
         return results(path)
 
 
-def assert_same_training(path: Path, reference) -> None:
+def assert_same_training(path: Path, reference, logged_rows: int = 10) -> None:
     metrics, weights, rows = results(path)
     ref_metrics, ref_weights, ref_rows = reference
     assert metrics == ref_metrics
-    assert rows == ref_rows and len(rows) == 10  # every logged value but the throughput
+    assert rows == ref_rows and len(rows) == logged_rows  # every logged value but the throughput
     assert weights.keys() == ref_weights.keys()
     for name in weights:
         assert torch.equal(weights[name], ref_weights[name]), name
@@ -290,3 +290,35 @@ def test_a_run_stopped_for_non_finite_steps_never_ends_as_a_success(tmp_path):
     shutil.rmtree(tmp_path / "ck")
     with pytest.raises(TrainingStopped, match=r"4 steps in a row .* the last"):
         trainer(patient).fit(tokens, tokens)
+
+
+@pytest.mark.slow
+def test_resume_survives_bookkeeping_changes_and_sets_other_params_aside(tmp_path, monkeypatch):
+    """Resume is keyed on what changes the weights: a new logging or checkpoint interval resumes; a new learning
+    rate starts over, and the old checkpoints are moved aside, never deleted, with a message saying why."""
+    path = stage_workspace(tmp_path, monkeypatch, **RESUME_PARAMS)
+    kill_after(path, 4)
+    set_params(path, train={"log_interval": 5, "eval_interval": 15, "checkpoint_interval": 3, "keep_checkpoints": 3})
+    resumed = kill_after(path, 9)
+    assert "resuming from" in resumed.stdout.read()
+    kept = {c.name for c in list_checkpoints(path / "model" / "checkpoints")}
+    set_params(path, train={"lr": 1e-3})
+    output = finish(path)
+    assert "resuming from" not in output
+    assert "were made with other params, so training starts over; they are kept in" in output
+    (aside,) = (path / "model" / "checkpoints" / "superseded").iterdir()
+    assert aside.name.startswith("params-") and {c.name for c in aside.iterdir()} == kept
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_training_trains_again_in_a_new_mlflow_run(tmp_path, monkeypatch):
+    """dvc repro -f after a finished training: it trains again (the same result), in a run of its own."""
+    path = stage_workspace(tmp_path, monkeypatch, max_steps=4, checkpoint_interval=2)
+    finish(path)
+    first_run = json.loads((path / "reports" / "mlflow_run.json").read_text())["run_id"]
+    first = results(path)
+    output = finish(path)
+    assert "is a finished training of these params, data and code: training again" in output
+    assert "resuming from" not in output
+    assert json.loads((path / "reports" / "mlflow_run.json").read_text())["run_id"] != first_run
+    assert_same_training(path, first, logged_rows=2)
