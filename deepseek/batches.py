@@ -56,6 +56,15 @@ class StepSampler:
         return (self.last_step - self.first_step) * self.per_rank
 
 
+def check_token_ids(tokens: np.ndarray, vocab_size: int, what: str) -> None:
+    """Refuse ids the model has no embedding for, before a forward would fail deep in the embedding."""
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        raise UserError(
+            f"{what} hold token id {int(tokens.max())}, but the model's vocabulary has {vocab_size} ids: "
+            "use the tokens of the tokenizer the model was made for"
+        )
+
+
 def training_batches(
     tokens: np.ndarray,
     seq_len: int,

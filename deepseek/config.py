@@ -66,6 +66,9 @@ class ModelConfig:
         require(self.score_func in ("sigmoid", "softmax"), "score_func", "must be 'sigmoid' or 'softmax'")
 
     def _check_consistency(self) -> None:
+        require(
+            self.max_seq_len <= MAX_CONTEXT, "max_seq_len", f"({self.max_seq_len:,}) must be at most {MAX_CONTEXT:,}"
+        )
         require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         require(
             self.first_k_dense_layers <= self.num_layers,
@@ -202,6 +205,7 @@ class TrainConfig:
         return {key: value for key, value in dataclasses.asdict(self).items() if key not in bookkeeping}
 
 
+MAX_CONTEXT = 2**20  # tokens; far beyond what these models train on, and what position tables stay exact for
 _POSITIVE_INTEGERS = (
     "vocab_size",
     "hidden_size",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from deepseek.balance import balance_report
-from deepseek.batches import evaluation_batches
+from deepseek.batches import check_token_ids, evaluation_batches
 from deepseek.model import DeepSeekLM
 
 
@@ -39,6 +39,7 @@ def evaluate(
     Bits per character divide the total negative log-likelihood by the characters the predicted tokens
     span (the split's characters, prorated to the tokens scored), so they compare across tokenizers.
     """
+    check_token_ids(tokens, model.config.vocab_size, "the evaluation tokens")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deepseek.errors import UserError
 from deepseek.model import DeepSeekLM
 
 if TYPE_CHECKING:
@@ -22,7 +24,10 @@ def sample_next(
     """Next token ids (batch, 1) from last-position logits (batch, vocab). temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted so that the best logit is 0 before dividing: any positive temperature, however small, then gives
+    # finite or -inf logits, never inf - inf = nan.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -35,7 +40,6 @@ def sample_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
-@torch.no_grad()
 def generate(
     model: DeepSeekLM,
     prompt: torch.Tensor,
@@ -47,14 +51,36 @@ def generate(
     eos_token_id: int | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
-    """Continue prompt (batch, seq) by up to max_new_tokens tokens; returns prompt + continuation.
+    """Continue prompt (batch, seq) by up to max_new_tokens tokens; returns prompt + continuation."""
+    new = stream(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, eos_token_id, use_cache)
+    return torch.cat((prompt, *new), dim=1)
+
+
+@torch.no_grad()
+def stream(
+    model: DeepSeekLM,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """The next token of every sequence in prompt (batch, seq), (batch, 1) at a time, as each is chosen.
 
     With the cache, each step feeds one token. When the context reaches max_seq_len, the cache is
     rebuilt from the most recent half window. use_cache=False recomputes the window every step
-    (for benchmarks and checks only).
+    (for benchmarks and checks only). Stops after max_new_tokens, or when every sequence has ended.
     """
     if prompt.numel() == 0:
         raise ValueError("the prompt is empty: give at least one token")
+    if int(prompt.max()) >= model.config.vocab_size:  # an index error deep in the embedding, otherwise
+        raise UserError(
+            f"the prompt holds token id {int(prompt.max())}, but the model's vocabulary has "
+            f"{model.config.vocab_size} ids: use the tokenizer the model was trained with"
+        )
     window = model.config.max_seq_len
     was_training = model.training
     model.eval()  # in training mode forward would count these tokens towards expert balancing
@@ -66,6 +92,7 @@ def generate(
         for step in range(max_new_tokens):
             next_token = sample_next(logits, temperature, top_k, top_p, generator)
             tokens = torch.cat((tokens, next_token), dim=1)
+            yield next_token
             if eos_token_id is not None:
                 finished |= next_token.squeeze(1) == eos_token_id
                 if finished.all():
@@ -79,18 +106,35 @@ def generate(
                 logits = model(tokens[:, -(cache.max_len // 2) :], cache=cache, last_logits_only=True).logits[:, -1]
             else:
                 logits = model(next_token, cache=cache).logits[:, -1]
-        return tokens
     finally:
         model.train(was_training)
+
+
+def stream_text(
+    model: DeepSeekLM, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int, **sampling: Any
+) -> Iterator[str]:
+    """The prompt, then its continuation piece by piece as it is generated; stops at the end-of-text token.
+
+    sampling: stream's temperature, top_k, top_p and generator. A piece is held back while it ends inside a
+    character (byte-level tokens can split one), so that what is printed never changes afterwards.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids, shown = list(prompt_ids), ""
+    for token in stream(
+        model, torch.tensor([prompt_ids]), max_new_tokens, eos_token_id=tokenizer.eos_token_id, **sampling
+    ):
+        ids.append(int(token))
+        text = str(tokenizer.decode(ids))
+        if not text.endswith("\ufffd"):
+            yield text[len(shown) :]
+            shown = text
+    text = str(tokenizer.decode(ids))
+    if text != shown:
+        yield text[len(shown) :]
 
 
 def generate_text(
     model: DeepSeekLM, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int, **sampling: Any
 ) -> str:
-    """prompt and its continuation as text; generation stops early at the tokenizer's end-of-text token.
-
-    sampling: generate's temperature, top_k, top_p and generator.
-    """
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    out = generate(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id, **sampling)
-    return str(tokenizer.decode(out[0].tolist()))
+    """prompt and its continuation as text; generation stops early at the tokenizer's end-of-text token."""
+    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, **sampling))

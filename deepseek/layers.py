@@ -19,10 +19,16 @@ class RMSNorm(nn.Module):
         return self.weight * normed.type_as(x)
 
 
-def rope_tables(rope_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, each (max_seq_len, rope_dim // 2), in float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+def rope_tables(
+    rope_dim: int, start: int, end: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency for positions [start, end), each (end - start, rope_dim // 2), float32.
+
+    Computed for the positions at hand, not for a whole context ahead of time: a long max_seq_len costs nothing
+    until it is used.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32, device=device) / rope_dim))
+    angles = torch.outer(torch.arange(start, end, dtype=torch.float32, device=device), inv_freq)
     return angles.cos(), angles.sin()
 
 

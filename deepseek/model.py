@@ -42,9 +42,6 @@ class Block(nn.Module):
 
 
 class DeepSeekLM(nn.Module):
-    rope_cos: torch.Tensor  # buffers: the RoPE tables, (max_seq_len, qk_rope_head_dim / 2)
-    rope_sin: torch.Tensor
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -54,9 +51,6 @@ class DeepSeekLM(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos, sin = rope_tables(config.qk_rope_head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -88,7 +82,7 @@ class DeepSeekLM(nn.Module):
         end = start + input_ids.shape[1]
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds max_seq_len ({self.config.max_seq_len})")
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        cos, sin = rope_tables(self.config.qk_rope_head_dim, start, end, self.config.rope_theta, input_ids.device)
         x = self.embed(input_ids)
         all_counts, aux_loss = [], x.new_zeros((), dtype=torch.float32)
         for block in self.layers:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from deepseek import distributed
 from deepseek.balance import max_violation
-from deepseek.batches import training_batches
+from deepseek.batches import check_token_ids, training_batches
 from deepseek.checkpoint import ResumePoint, checkpoint_path, save_checkpoint
 from deepseek.config import TrainConfig
 from deepseek.errors import UserError
@@ -254,6 +254,8 @@ class Trainer:
         """Train until config.max_steps; returns the final metrics. Raises TrainingStopped on a signal (after
         a checkpoint) or after config.max_nonfinite_steps non-finite steps in a row."""
         c = self.config
+        for tokens, split in ((train_tokens, "training"), (val_tokens, "validation")):
+            check_token_ids(tokens, self.model.config.vocab_size, f"the {split} tokens")
         batches = iter(
             training_batches(
                 train_tokens,

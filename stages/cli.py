@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 import torch
 
-from deepseek.checkpoint import TOKENIZER, load_model
+from deepseek.checkpoint import TOKENIZER
 from deepseek.errors import UserError
-from deepseek.generate import generate_text
+from deepseek.generate import stream_text
+from stages.data import utf8_text
 from stages.evaluate import evaluate
 from stages.options import model_option, report_user_errors
 from stages.prepare import prepare
 from stages.sample import sample
 from stages.tokenize import tokenize
-from stages.tokenizer import load_tokenizer
 from stages.train import train
+from stages.trained import load_trained
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,9 +34,20 @@ for stage in (prepare, tokenize, train, evaluate, sample):
 
 
 @main.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option(
+    "--prompt-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Read the prompt from this UTF-8 file instead (PROMPT '-' reads it from standard input).",
+)
 @model_option
-@click.option("--max-new-tokens", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--max-new-tokens",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="At most the model's context (its max_seq_len).",
+)
 @click.option(
     "--temperature",
     default=0.8,
@@ -47,25 +60,52 @@ for stage in (prepare, tokenize, train, evaluate, sample):
 @click.option("--seed", default=1337, show_default=True, type=int)
 @report_user_errors
 def generate(
-    prompt: str, model_dir: Path, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int
+    prompt: str | None,
+    prompt_file: Path | None,
+    model_dir: Path,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
 ) -> None:
-    """Continue PROMPT with a trained model, using the latent KV cache."""
-    if not prompt:
-        raise UserError("the prompt is empty: give some text to continue")
-    model = load_model(model_dir)
-    tokenizer = load_tokenizer(model_dir / TOKENIZER)
-    click.echo(
-        generate_text(
-            model,
-            tokenizer,
-            prompt,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=torch.Generator().manual_seed(seed),
+    """Continue PROMPT with a trained model, printing the text as it is generated (with the latent KV cache).
+
+    PROMPT '-' reads the prompt from standard input; --prompt-file from a file.
+    """
+    text = _read_prompt(prompt, prompt_file)
+    model, tokenizer = load_trained(model_dir)
+    if max_new_tokens > model.config.max_seq_len:
+        raise UserError(
+            f"--max-new-tokens {max_new_tokens} is more than the model's context of "
+            f"{model.config.max_seq_len} tokens: ask for at most {model.config.max_seq_len}"
         )
-    )
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    for piece in stream_text(
+        model, tokenizer, text, max_new_tokens, generator=torch.Generator().manual_seed(seed), **sampling
+    ):
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt from the argument, standard input (-) or a file, as valid UTF-8 text that is not empty."""
+    if (prompt is None) == (prompt_file is None):
+        raise click.UsageError("give a PROMPT (or - to read standard input) or --prompt-file, one of them")
+    if prompt_file is not None:
+        try:
+            raw, source = prompt_file.read_bytes(), str(prompt_file)
+        except OSError as error:
+            raise UserError(f"cannot read {prompt_file}: {error.strerror}") from None
+    elif prompt == "-":
+        raw, source = sys.stdin.buffer.read(), "standard input"
+    else:  # the shell's bytes; those that are not UTF-8 arrive as surrogates, which give them back
+        raw, source = str(prompt).encode("utf-8", "surrogateescape"), "the prompt"
+    text = utf8_text(raw, source)
+    if not text:
+        raise UserError("the prompt is empty: give some text to continue")
+    return text
 
 
 @main.command("export-hf")
@@ -92,8 +132,7 @@ def export_hf(model_dir: Path, out_dir: Path, force: bool) -> None:
     """
     from deepseek.hf import export_hf as export
 
-    model = load_model(model_dir)
-    load_tokenizer(model_dir / TOKENIZER)  # fail early and clearly if the tokenizer is missing
+    model, _ = load_trained(model_dir)  # fails early and clearly if the tokenizer is missing or does not fit
     export(model, out_dir, tokenizer_dir=model_dir / TOKENIZER, inputs=[model_dir], force=force)
     click.echo(f"wrote {out_dir}")
 

@@ -104,12 +104,17 @@ def read_text_file(path: str | Path) -> str:
         raise UserError(f"cannot read {path}: {error.strerror}") from None
     if not raw:
         raise UserError(f"{path} is empty: replace it with the corpus (or delete it to download data.url again)")
+    return utf8_text(raw, str(path))
+
+
+def utf8_text(raw: bytes, source: str) -> str:
+    """raw decoded as UTF-8, or a one-line error naming source and the first byte that is not."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise UserError(
-            f"{path} is not UTF-8 text: byte 0x{raw[error.start]:02x} at offset {error.start} "
-            f"is invalid; convert the file to UTF-8 (e.g. with iconv) and rerun"
+            f"{source} is not UTF-8 text: byte 0x{raw[error.start]:02x} at offset {error.start} "
+            f"is invalid; convert it to UTF-8 (e.g. with iconv) and rerun"
         ) from None
 
 

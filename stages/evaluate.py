@@ -14,7 +14,7 @@ from deepseek.files import write_json, write_text
 from stages import figures, tracking
 from stages.options import params_option, report_user_errors
 from stages.params import load_params
-from stages.tokenizer import load_meta, load_tokens
+from stages.tokenizer import check_vocabulary, load_meta, load_tokens
 
 
 @click.command()
@@ -34,6 +34,7 @@ def evaluate(params_path: str, model_dir: Path, tokens_dir: Path, reports_dir: P
     params = load_params(params_path)
     model = load_model(model_dir)
     meta = load_meta(tokens_dir)
+    check_vocabulary(meta["vocab_size"], model.config.vocab_size, f"the tokens in {tokens_dir}")
     val = evaluate_model(
         model,
         load_tokens(tokens_dir, "val"),

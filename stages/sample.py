@@ -7,13 +7,12 @@ from pathlib import Path
 import click
 import torch
 
-from deepseek.checkpoint import TOKENIZER, load_model
 from deepseek.files import write_json, write_text
 from deepseek.generate import generate_text
 from stages import tracking
 from stages.options import params_option, report_user_errors
 from stages.params import load_params
-from stages.tokenizer import load_tokenizer
+from stages.trained import load_trained
 
 
 @click.command()
@@ -30,8 +29,7 @@ from stages.tokenizer import load_tokenizer
 def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
     """Generate a continuation of every prompt in params.yaml `sample.prompts`."""
     params = load_params(params_path).sample
-    model = load_model(model_dir)
-    tokenizer = load_tokenizer(model_dir / TOKENIZER)
+    model, tokenizer = load_trained(model_dir)
     generator = torch.Generator().manual_seed(params.seed)
     samples = []
     for prompt in params.prompts:

@@ -154,6 +154,16 @@ def _pretrained_tokenizer(name: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def check_vocabulary(token_ids: int, model_vocab: int, source: str) -> None:
+    """A model reads ids below its vocabulary size only: refuse tokens from a larger tokenizer before the forward
+    would fail deep in the embedding."""
+    if token_ids > model_vocab:
+        raise UserError(
+            f"{source} has {token_ids:,} token ids but the model's vocabulary has {model_vocab:,}: use "
+            "the tokenizer and tokens the model was trained with (rerun the pipeline from tokenize)"
+        )
+
+
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     """The tokenizer that the tokenize stage saved in directory."""
     directory = Path(directory)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deepseek.config import ModelConfig
-from deepseek.layers import apply_rope
+from deepseek.layers import apply_rope, rope_tables
 from deepseek.model import DeepSeekLM
 
 from conftest import randomized
@@ -35,7 +35,8 @@ def test_sdpa_attention_matches_plain_reference(q_lora_rank):
     model = randomized(DeepSeekLM(ModelConfig.from_preset("tiny", q_lora_rank=q_lora_rank)))
     attn = model.layers[0].attn
     x = torch.randn(2, 20, model.config.hidden_size)
-    cos, sin = model.rope_cos[:20], model.rope_sin[:20]
+    c = model.config
+    cos, sin = rope_tables(c.qk_rope_head_dim, 0, 20, c.rope_theta)
     torch.testing.assert_close(attn(x, cos, sin), reference_mla(attn, x, cos, sin), atol=1e-5, rtol=1e-5)
 
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -11,8 +12,10 @@ from deepseek.checkpoint import save_model
 from deepseek.config import ModelConfig
 from deepseek.model import DeepSeekLM
 from stages.cli import main
+from stages.params import TokenizerParams
+from stages.tokenizer import build_tokenizer
 
-from pipeline_utils import stage_workspace
+from pipeline_utils import stage_workspace, tiny_corpus
 
 COMMANDS = ["prepare", "tokenize", "train", "evaluate", "sample", "generate", "export-hf"]
 
@@ -80,3 +83,61 @@ def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch, bug):
     assert "Traceback (most recent call last)" in result.stderr
     assert f"{bug}: mat1 and mat2 shapes cannot be multiplied" in result.stderr
     assert not any(line.startswith("Error:") for line in (result.stderr + result.stdout).splitlines())
+
+
+@pytest.fixture
+def model_with_tokenizer(tmp_path) -> Path:
+    tokenizer = build_tokenizer(TokenizerParams(kind="bpe", vocab_size=300), tiny_corpus())
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    config = ModelConfig.from_preset("tiny", vocab_size=len(tokenizer), max_seq_len=64)
+    return save_model(DeepSeekLM(config), tmp_path / "model", tokenizer_dir=tmp_path / "tokenizer")
+
+
+def test_the_prompt_comes_from_the_argument_a_file_or_standard_input(model_with_tokenizer, tmp_path):
+    common = ["--model", str(model_with_tokenizer), "--temperature", "0", "--max-new-tokens", "10"]
+    prompt = "ROMEO:\nWhat say you, madam? The moon is"
+    (tmp_path / "prompt.txt").write_text(prompt)
+    by_argument = CliRunner().invoke(main, ["generate", prompt, *common])
+    by_file = CliRunner().invoke(main, ["generate", "--prompt-file", str(tmp_path / "prompt.txt"), *common])
+    by_stdin = CliRunner().invoke(main, ["generate", "-", *common], input=prompt)
+    assert by_argument.exit_code == 0, by_argument.output
+    assert by_argument.output.startswith(prompt) and len(by_argument.output) > len(prompt) + 1
+    assert by_file.output == by_argument.output == by_stdin.output
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ([], "give a PROMPT (or - to read standard input) or --prompt-file"),
+        (["hello", "--prompt-file", "p.txt"], "give a PROMPT (or - to read standard input) or --prompt-file"),
+    ],
+)
+def test_one_prompt_source_is_asked_for(model_with_tokenizer, args, expected):
+    result = CliRunner().invoke(main, ["generate", *args, "--model", str(model_with_tokenizer)])
+    assert result.exit_code == 2 and expected in result.output
+
+
+def test_more_new_tokens_than_the_context_is_refused(model_with_tokenizer):
+    result = CliRunner().invoke(
+        main, ["generate", "ROMEO:", "--model", str(model_with_tokenizer), "--max-new-tokens", "1000"]
+    )
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "Error: --max-new-tokens 1000 is more than the model's context of 64 tokens: ask for at most 64"
+    )
+
+
+def test_text_is_streamed_as_it_is_generated(model_with_tokenizer):
+    from deepseek.checkpoint import load_model
+    from deepseek.generate import generate_text, stream_text
+    from stages.tokenizer import load_tokenizer
+
+    model, tokenizer = load_model(model_with_tokenizer), load_tokenizer(model_with_tokenizer / "tokenizer")
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    pieces = stream_text(model, tokenizer, "ROMEO:", 30, temperature=0)
+    first = next(pieces)
+    assert first.startswith("ROMEO:") and len(forwards) <= 3  # the first piece after a forward or two, not thirty
+    rest = list(pieces)
+    assert len(rest) > 5 and len(forwards) >= 20
+    assert first + "".join(rest) == generate_text(model, tokenizer, "ROMEO:", 30, temperature=0)
