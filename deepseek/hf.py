@@ -15,16 +15,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deepseek.config import ModelConfig
-from deepseek.errors import UserError
+from deepseek.errors import UserError, first_line
 from deepseek.files import OWNER_FILE, DirectoryKind, replacing_dir
 from deepseek.model import DeepSeekLM
 
 if TYPE_CHECKING:
     from transformers import DeepseekV3Config
 
+WEIGHTS_FILE = "model.safetensors"
+FP8_BLOCK = 128  # DeepSeek-V3's fp8 weights have one scale per 128 x 128 block
 HF_EXPORT_DIR = DirectoryKind("deepseek's export_hf")  # a marker alone: what an export holds depends on the tokenizer
 
 # Our name -> transformers' name, inside model.layers.{i}.
@@ -223,7 +226,7 @@ def export_hf(
     sources = [*inputs, *([tokenizer_dir] if tokenizer_dir is not None else [])]
     with replacing_dir(out_dir, HF_EXPORT_DIR, inputs=sources, force=force) as tmp:
         config.save_pretrained(tmp)
-        save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        save_file(to_hf_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer_dir is not None:
             for item in Path(tokenizer_dir).iterdir():
                 if item.is_file() and item.name != OWNER_FILE:
@@ -232,18 +235,59 @@ def export_hf(
 
 
 def import_hf(path: str | Path) -> DeepSeekLM:
-    """Load a transformers DeepseekV3 directory (single or sharded safetensors) into DeepSeekLM."""
+    """Load a transformers DeepseekV3 directory (single or sharded safetensors) into DeepSeekLM.
+
+    Only safetensors files inside the directory are read; fp8 weights with block scales (DeepSeek's own
+    checkpoints) are dequantised as DeepSeek's conversion script does.
+    """
     path = Path(path)
     hf_config = json.loads((path / "config.json").read_text())
     config = from_hf_config(hf_config)
-    index = path / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    )
-    hf_weights = {}
-    for name in files:
-        hf_weights.update(load_file(path / name))
+    hf_weights: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        try:
+            hf_weights.update(load_file(file))
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"{file} is not a safetensors file ({first_line(error)}): refusing to read it") from None
+    block = (hf_config.get("quantization_config") or {}).get("weight_block_size", [FP8_BLOCK, FP8_BLOCK])
     model = DeepSeekLM(config)
-    state = from_hf_state_dict(hf_weights, config, rope_interleave=hf_config.get("rope_interleave", True))
+    state = from_hf_state_dict(dequantize_fp8(hf_weights, block), config, hf_config.get("rope_interleave", True))
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files a model directory names (its index's weight map, or model.safetensors), each of
+    them inside the directory."""
+    index = directory / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [WEIGHTS_FILE]
+    files = []
+    for name in names:
+        file = (directory / name).resolve()
+        if directory.resolve() not in file.parents:
+            raise UserError(f"{index} names {name!r}, outside {directory}: refusing to read it")
+        if file.suffix != ".safetensors":
+            raise UserError(
+                f"{index} names {name!r}, which is not a .safetensors file (a pickle, perhaps): only "
+                "safetensors weights are read"
+            )
+        files.append(file)
+    return files
+
+
+def dequantize_fp8(weights: dict[str, torch.Tensor], block: Sequence[int]) -> dict[str, torch.Tensor]:
+    """fp8 weights times their per-block scales (NAME_scale_inv, one per block of block[0] x block[1]), in
+    float32; the scales themselves are dropped. Weights that are not fp8 pass unchanged."""
+    out = {}
+    for name, tensor in weights.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale = weights.get(f"{name}_scale_inv")
+            if scale is None:
+                raise UserError(f"{name} is fp8 but the checkpoint has no {name}_scale_inv to dequantise it with")
+            rows, cols = tensor.shape
+            scales = scale.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+            tensor = tensor.float() * scales
+        out[name] = tensor
+    return out

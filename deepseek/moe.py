@@ -8,6 +8,7 @@ never by the optimizer and never by forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,18 +53,27 @@ class Router(nn.Module):
         return Routing(weights * self.scaling, indices, scores)
 
     def _keep_best_groups(self, choice: torch.Tensor) -> torch.Tensor:
-        """Group-limited routing (V3): rank groups by the sum of their two best scores, mask the rest."""
+        """Group-limited routing: rank the expert groups, keep the topk_group best, mask the rest.
+
+        Groups rank by their best score with softmax scores (DeepSeek-V2), and by the sum of their two best with
+        sigmoid scores (DeepSeek-V3), as DeepSeek's reference code does.
+        """
         grouped = choice.view(choice.shape[0], self.n_group, -1)
-        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        if self.score_func == "softmax":
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
         best = group_scores.topk(self.topk_group, dim=-1).indices
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM takes these operands: bf16 on CUDA, rows a multiple of 16 bytes."""
+    """Whether torch's grouped GEMM takes these operands: fp32, bf16 or fp16 on CPU, bf16 on CUDA (torch 2.13),
+    with rows a multiple of 16 bytes."""
     aligned = all(size * x.element_size() % 16 == 0 for size in weight.shape[1:])
-    return aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+    on_cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return aligned and (on_cpu or x.dtype == torch.bfloat16)
 
 
 # Left out of torch.compile graphs: dynamo's shape rule for grouped_mm admits bf16 only (torch 2.13).
@@ -127,6 +137,14 @@ class MoE(nn.Module):
         )
         # Tokens routed to each expert over the micro-batches of the current optimizer step (training only).
         self.register_buffer("pending_load", torch.zeros(config.num_routed_experts), persistent=False)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MoE:
+        """model.to(torch.bfloat16) and the like cast every floating buffer; the balancing bias and the loads stay
+        float32, as in DeepSeek's reference: bias steps of 1e-3 vanish in bf16, and counts above 256 round."""
+        super()._apply(fn, recurse)
+        self.gate.expert_bias = self.gate.expert_bias.float()
+        self.pending_load = self.pending_load.float()
+        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (batch, seq, hidden) -> (output, tokens per expert, sequence-wise auxiliary loss)."""

@@ -1,10 +1,12 @@
 """Our DeepSeekLM against transformers' DeepseekV3ForCausalLM, an implementation we did not write."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
 from deepseek.config import ModelConfig
@@ -108,3 +110,81 @@ def test_export_copies_the_tokenizer_and_its_end_of_text_id(tmp_path):
     assert tokenizer.eos_token_id is not None
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
     assert transformers.AutoTokenizer.from_pretrained(out).eos_token_id == tokenizer.eos_token_id
+
+
+# --- importing checkpoints one did not make -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def exported(tmp_path) -> Path:
+    return export_hf(randomized(DeepSeekLM(ModelConfig.from_preset("tiny"))), tmp_path / "hf")
+
+
+def write_index(directory: Path, weight_map: dict[str, str]) -> None:
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("../outside.safetensors", "outside .*: refusing to read it"), ("pytorch_model.bin", "not a .safetensors file")],
+)
+def test_import_reads_only_safetensors_inside_the_directory(exported, name, expected):
+    (exported / "model.safetensors").rename(exported.parent / "outside.safetensors")
+    write_index(exported, {"model.embed_tokens.weight": name})
+    with pytest.raises(UserError, match=expected):
+        import_hf(exported)
+
+
+def test_a_pickle_under_a_safetensors_name_is_refused_by_name(exported):
+    ran = exported / "payload-ran"
+    torch.save({"x": torch.zeros(1)}, exported / "model.safetensors")  # a pickle, however named
+    with pytest.raises(UserError, match=r"model\.safetensors is not a safetensors file .*refusing to read it"):
+        import_hf(exported)
+    assert not ran.exists()
+
+
+def block_dequantized(weight: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """The reference: every block of the fp8 weight times its own scale, one block at a time."""
+    out = weight.float().clone()
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            out[i * block : (i + 1) * block, j * block : (j + 1) * block] *= scale[i, j]
+    return out
+
+
+def test_fp8_block_quantised_weights_are_dequantised_as_deepseek_does(exported):
+    """DeepSeek-V3's checkpoints store matrices as fp8 with one float32 scale per block (weight_scale_inv)."""
+    block = 8
+    weights = load_file(exported / "model.safetensors")
+    quantised, expected = {}, dict(weights)
+    for name, weight in weights.items():
+        if name.endswith("proj.weight") and weight.dim() == 2:
+            rows, cols = weight.shape
+            scale = torch.rand(-(-rows // block), -(-cols // block)) + 0.5
+            fp8 = (weight / scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]).to(
+                torch.float8_e4m3fn
+            )
+            quantised[name], quantised[f"{name}_scale_inv"] = fp8, scale
+            expected[name] = block_dequantized(fp8, scale, block)
+        else:
+            quantised[name] = weight
+    save_file(quantised, exported / "model.safetensors")
+    config = json.loads((exported / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [block, block], "fmt": "e4m3"}
+    (exported / "config.json").write_text(json.dumps(config))
+    (exported / "reference").mkdir()
+    save_file(expected, exported / "reference" / "model.safetensors")
+    (exported / "reference" / "config.json").write_text(json.dumps(config))
+    ours, reference = import_hf(exported), import_hf(exported / "reference")
+    assert any(v.dtype == torch.float8_e4m3fn for v in quantised.values())
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_fp8_weights_without_scales_are_refused(exported):
+    weights = load_file(exported / "model.safetensors")
+    name = next(n for n in weights if n.endswith("q_b_proj.weight"))
+    weights[name] = weights[name].to(torch.float8_e4m3fn)
+    save_file(weights, exported / "model.safetensors")
+    with pytest.raises(UserError, match=f"{name} is fp8 but the checkpoint has no {name}_scale_inv"):
+        import_hf(exported)

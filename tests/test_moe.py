@@ -15,9 +15,10 @@ def reference_moe(moe: MoE, config: ModelConfig, x: torch.Tensor) -> torch.Tenso
         scores = logits.sigmoid() if config.score_func == "sigmoid" else logits.softmax(-1)
         choice = scores + moe.gate.expert_bias
         allowed = list(range(config.num_routed_experts))
-        if config.n_group > 1:
+        if config.n_group > 1:  # V2 (softmax) ranks groups by their best expert, V3 (sigmoid) by their best two
             groups = [choice[g * per_group : (g + 1) * per_group] for g in range(config.n_group)]
-            group_score = [sorted(g.tolist(), reverse=True)[:2] for g in groups]
+            ranked = 1 if config.score_func == "softmax" else 2
+            group_score = [sorted(g.tolist(), reverse=True)[:ranked] for g in groups]
             best = sorted(range(config.n_group), key=lambda g: -sum(group_score[g]))[: config.topk_group]
             allowed = [e for e in allowed if e // per_group in best]
         chosen = sorted(allowed, key=lambda e: -choice[e].item())[: config.num_experts_per_tok]
@@ -38,6 +39,7 @@ def reference_moe(moe: MoE, config: ModelConfig, x: torch.Tensor) -> torch.Tenso
         dict(),
         dict(score_func="softmax", num_shared_experts=0),
         dict(num_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5),
+        dict(score_func="softmax", num_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2),
         dict(num_shared_experts=2, num_experts_per_tok=1),
         dict(moe_intermediate_size=6),  # 24-byte rows: experts run one matmul each instead of grouped_mm
     ],
@@ -54,6 +56,31 @@ def test_moe_matches_per_token_reference(changes):
         expected = reference_moe(moe, config, x.view(-1, config.hidden_size))
     torch.testing.assert_close(out.view(-1, config.hidden_size), expected, atol=1e-5, rtol=1e-5)
     assert counts.sum() == 24 * config.num_experts_per_tok
+
+
+def test_float64_runs_the_per_expert_path_on_cpu():
+    """torch's grouped GEMM takes no float64; the experts then run one matmul each, to the same result."""
+    config = ModelConfig.from_preset("tiny")
+    moe = MoE(config).double()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 12, config.hidden_size, dtype=torch.float64)
+    out, _, _ = moe(x)
+    with torch.no_grad():
+        expected = reference_moe(moe, config, x.view(-1, config.hidden_size))
+    torch.testing.assert_close(out.view(-1, config.hidden_size), expected, atol=1e-5, rtol=1e-5)  # fp32 router
+
+
+def test_a_cast_to_bf16_keeps_the_balancing_bias_and_loads_float32():
+    from deepseek.model import DeepSeekLM
+
+    model = DeepSeekLM(ModelConfig.from_preset("tiny", bias_update_rate=1e-3)).to(torch.bfloat16)
+    moe = model.moe_layers()[0]
+    assert moe.gate.expert_bias.dtype == moe.pending_load.dtype == torch.float32
+    moe.gate.expert_bias.fill_(1.0)
+    model.update_expert_bias(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    assert moe.gate.expert_bias.tolist() == pytest.approx([1.001, 1.001, 0.999, 0.999])  # 1 +- 1e-3 is 1 in bf16
+    assert model.head.weight.dtype == torch.bfloat16
 
 
 def test_bias_changes_selection_but_not_gating_weights():
