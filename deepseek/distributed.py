@@ -1,7 +1,7 @@
 """Data-parallel training across processes started by torchrun (gloo on CPU, NCCL on GPU).
 
 Every rank trains on its own slice of each global batch; DistributedDataParallel averages gradients;
-expert loads are summed across ranks before the balancing-bias update (DeepSeekLM.update_expert_bias),
+the Trainer sums expert loads across ranks before the balancing-bias update (DeepSeekLM.update_expert_bias),
 so every rank applies the same update. Only rank 0 logs and writes files.
 """
 
@@ -48,6 +48,12 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     if active():
         dist.all_reduce(tensor)
     return tensor
+
+
+def barrier() -> None:
+    """Wait until every rank gets here; a no-op for one process."""
+    if active():
+        dist.barrier()
 
 
 def all_ranks_agree(ok: torch.Tensor) -> bool:

@@ -196,13 +196,13 @@ def remove_leftovers(directory: str | Path) -> list[Path]:
     removed = []
     for item in directory.iterdir() if directory.is_dir() else ():
         match = _LEFTOVER.match(item.name)
-        if match and item.is_dir() and not _alive(int(match["pid"])):
+        if match and item.is_dir() and not process_alive(int(match["pid"])):
             shutil.rmtree(item, ignore_errors=True)
             removed.append(item)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

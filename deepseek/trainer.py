@@ -126,11 +126,16 @@ class Window:
         self.scored = 0  # tokens
 
     def state_dict(self) -> dict[str, float | int]:
-        return {"loss_sum": self.loss_sum.item(), "correct": self.correct.item(), "scored": self.scored}
+        """The sums over every rank (a collective: all ranks call it); scored counts one rank's tokens."""
+        loss_sum = distributed.sum_across_ranks(self.loss_sum.clone())
+        correct = distributed.sum_across_ranks(self.correct.clone())
+        return {"loss_sum": loss_sum.item(), "correct": correct.item(), "scored": self.scored}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loss_sum.fill_(state["loss_sum"])
-        self.correct.fill_(state["correct"])
+        """Rank 0 takes the sums of all ranks and the others start from zero, so that their sum is right."""
+        share = 1 if distributed.is_main() else 0
+        self.loss_sum.fill_(state["loss_sum"] * share)
+        self.correct.fill_(state["correct"] * share)
         self.scored = state["scored"]
 
     def reset(self) -> None:
@@ -221,7 +226,8 @@ class Trainer:
     # --- state ------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the weights that training needs to go on exactly where it stopped."""
+        """Everything but the weights that training needs to go on exactly where it stopped. Under torchrun a
+        collective: every rank calls it."""
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -426,15 +432,11 @@ class Trainer:
         return sampler.decode(tokens[0].tolist())
 
     def _checkpoint(self) -> Path:
+        state = self.state_dict()  # on every rank: it sums the logging window across them
         if self.main_rank:
             info = {**self.checkpoint_info, "history": {"train": self.history.train, "val": self.history.val}}
             save_checkpoint(
-                self.outputs.checkpoint_dir,
-                self.step,
-                self.model,
-                self.state_dict(),
-                info,
-                keep=self.config.keep_checkpoints,
+                self.outputs.checkpoint_dir, self.step, self.model, state, info, keep=self.config.keep_checkpoints
             )
         return checkpoint_path(self.outputs.checkpoint_dir, self.step)
 

@@ -68,6 +68,7 @@ def evaluate(params_path: str, model_dir: Path, tokens_dir: Path, reports_dir: P
     )
     run.log_artifact(reports_dir / "figures", "figures")
     run.log_artifact(reports_dir / "expert_load.csv")
+    run.flush()  # the metrics went asynchronously
     click.echo(
         f"val: loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
         f"bits/char {val['bits_per_character']:.4f} | accuracy {val['accuracy']:.4f} | "

@@ -12,7 +12,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,18 +22,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from deepseek.errors import first_line
+from deepseek.errors import UserError, first_line
+from deepseek.files import process_alive
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 EXPERIMENT = "deepseek-repro"
+KNOWN_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 RUN_FILE = "mlflow_run.json"  # in the reports directory: the DVC output that hands the run id to evaluate and sample
 T = TypeVar("T")
 
 # Fail fast when a tracking server is down rather than retrying for minutes in the training loop.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# The most one tracking call may take (plus a second per MB an upload sends), and the end of a stage may wait for
+# metrics still being sent: six of MLflow's per-read timeouts, a minute by default.
+REQUEST_DEADLINE_S = FLUSH_DEADLINE_S = 6 * float(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"])
 
 
 def project_root() -> Path:
@@ -123,8 +130,27 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def check_tracking_uri() -> None:
+    """MLFLOW_TRACKING_URI, when set, must name a store MLflow knows: a typo (http//host) would otherwise track
+    into an odd local folder, or nowhere, without a word."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return
+    scheme, separator, _ = uri.partition("://")
+    if not separator or scheme.split("+")[0] not in KNOWN_SCHEMES:
+        raise UserError(
+            f"MLFLOW_TRACKING_URI={uri!r} is not a tracking URI MLflow knows: use http://HOST:PORT, sqlite:///FILE, "
+            "postgresql://... or file:///DIR, or unset it to track into mlflow.db here"
+        )
+
+
 class Run:
-    """An MLflow run that degrades to a no-op, with one warning, when tracking fails."""
+    """An MLflow run that degrades to a no-op, with one warning, when tracking fails.
+
+    Metrics are logged asynchronously (MLflow's async logging), so a slow server never holds up a training
+    step; finish() and flush() wait for them, for at most FLUSH_DEADLINE_S. Every other call may take at most
+    REQUEST_DEADLINE_S, however slowly a server answers, before tracking is turned off.
+    """
 
     def __init__(self, mlflow_client: MlflowClient | None, run_id: str | None) -> None:
         self.client, self.run_id = mlflow_client, run_id
@@ -132,16 +158,26 @@ class Run:
     @classmethod
     def start(cls, params: dict[str, Any], tags: dict[str, str]) -> Run:
         run = cls(None, None)
-        try:
-            run.client = mlflow_client = client()
+        name = os.environ.get("DVC_EXP_NAME") or None
+
+        def create() -> tuple[MlflowClient, str, str]:
+            mlflow_client = client()
             exp_id = experiment_id(mlflow_client)
-            name = os.environ.get("DVC_EXP_NAME") or None
-            run.run_id = _retry(lambda: mlflow_client.create_run(exp_id, run_name=name, tags=tags).info.run_id)
+            created = _retry(lambda: mlflow_client.create_run(exp_id, run_name=name, tags=tags | _process_tags()))
+            return mlflow_client, exp_id, created.info.run_id
+
+        try:
+            run.client, exp_id, run.run_id = _within(REQUEST_DEADLINE_S, create)
         except Exception as error:
             run._disable(error)
             return run
         run.log_params(params)
+        run._do(lambda client, run_id: _close_abandoned_runs(client, exp_id, run_id))
         return run
+
+    def claim(self) -> None:
+        """Record this process as the one training in the run (a resumed training goes on in its run)."""
+        self._do(lambda client, run_id: [client.set_tag(run_id, k, v) for k, v in _process_tags().items()])
 
     @classmethod
     def resume(cls, run_file: str | Path) -> Run:
@@ -169,23 +205,29 @@ class Run:
         return self.client is not None and self.run_id is not None
 
     def _disable(self, error: Exception) -> None:
-        if self.client is not None or self.run_id is not None:
-            warnings.warn(
-                f"MLflow tracking at {tracking_uri()} failed ({type(error).__name__}: "
-                f"{first_line(error)}); training goes on without it",
-                stacklevel=3,
-            )
+        warnings.warn(
+            f"MLflow tracking at {tracking_uri()} failed ({type(error).__name__}: {first_line(error)}); "
+            "training goes on without it",
+            stacklevel=3,
+        )
         self.client = None
 
-    def _do(self, action: Callable[[MlflowClient, str], Any]) -> None:
-        """action(client, run_id), retried while SQLite is locked; the first other failure turns tracking off."""
+    def _do(self, action: Callable[[MlflowClient, str], Any], deadline_s: float = REQUEST_DEADLINE_S) -> None:
+        """action(client, run_id), retried while SQLite is locked and given up after deadline_s; the first other
+        failure turns tracking off."""
         client, run_id = self.client, self.run_id
         if client is None or run_id is None:
             return
         try:
-            _retry(lambda: action(client, run_id))
+            _within(deadline_s, lambda: _retry(lambda: action(client, run_id)))
         except Exception as error:
             self._disable(error)
+
+    def flush(self) -> None:
+        """Wait for the metrics logged asynchronously, for at most FLUSH_DEADLINE_S."""
+        import mlflow
+
+        self._do(lambda client, run_id: mlflow.flush_async_logging(), FLUSH_DEADLINE_S)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -199,7 +241,7 @@ class Run:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._do(lambda client, run_id: client.log_batch(run_id, metrics=items))
+        self._do(lambda client, run_id: client.log_batch(run_id, metrics=items, synchronous=False))
 
     def log_dataset(self, stats: dict[str, Any], source: str) -> None:
         """The corpus as the run's dataset input, its facts (characters, lines, sha256, ...) as the profile.
@@ -221,18 +263,58 @@ class Run:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path] if path.exists() else []
+        # An upload may take longer than one call, but not longer than at 1 MB/s: a trickle still ends.
+        deadline = REQUEST_DEADLINE_S + sum(f.stat().st_size for f in files) / 1e6
         if path.is_dir():
-            self._do(lambda client, run_id: client.log_artifacts(run_id, str(path), artifact_path))
-        elif path.exists():
-            self._do(lambda client, run_id: client.log_artifact(run_id, str(path), artifact_path))
+            self._do(lambda client, run_id: client.log_artifacts(run_id, str(path), artifact_path), deadline)
+        elif files:
+            self._do(lambda client, run_id: client.log_artifact(run_id, str(path), artifact_path), deadline)
 
     def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
         self._do(lambda client, run_id: client.set_terminated(run_id, status))
 
     def write_run_file(self, run_file: str | Path) -> None:
         from deepseek.files import write_json
 
         write_json(run_file, {"run_id": self.run_id, "experiment": EXPERIMENT})
+
+
+def _process_tags() -> dict[str, str]:
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def _close_abandoned_runs(mlflow_client: MlflowClient, exp_id: str, current: str) -> None:
+    """Runs still RUNNING whose training process on this host is gone (killed, or abandoned) become KILLED."""
+    running = mlflow_client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=200)
+    for other in running:
+        tags = other.data.tags
+        ours = tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit()
+        if other.info.run_id != current and ours and not process_alive(int(tags["pid"])):
+            mlflow_client.set_terminated(other.info.run_id, "KILLED")
+
+
+def _within(deadline_s: float, call: Callable[[], T]) -> T:
+    """call(), or TimeoutError once deadline_s have passed: a server that trickles its answer resets a read
+    timeout with every byte, so only a deadline on the whole call bounds it. The call runs on in a daemon
+    thread, and tracking is turned off."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as error:
+            result["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(deadline_s)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {deadline_s:.0f} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def log_model(run: Run, model_dir: Path, register_as: str | None, alias: str) -> str | None:

@@ -77,6 +77,7 @@ def train(
     """
     distributed.init_from_env()  # under torchrun; a no-op for one process
     params = load_params(params_path)
+    tracking.check_tracking_uri()
     meta = load_meta(tokens_dir)
     config = params.model.config(meta["vocab_size"])
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -121,7 +122,12 @@ def train(
 def _resume_point(checkpoint_dir: Path, fingerprint: dict[str, str], max_steps: int) -> ResumePoint | None:
     """Where an interrupted training of the same params, data and code stopped; None to start over, which a
     finished training also does: rerunning it (dvc repro -f) trains again, in a new MLflow run."""
+    # Under torchrun rank 0 looks first: it alone removes leftovers and sets checkpoints aside; the others read.
+    if not distributed.is_main():
+        distributed.barrier()
     resume = find_resume_point(checkpoint_dir, fingerprint)
+    if distributed.is_main():
+        distributed.barrier()
     if resume is not None and resume.info["step"] >= max_steps:
         click.echo(f"{resume.path} is a finished training of these params, data and code: training again")
         return None
@@ -169,7 +175,9 @@ def _tracking_run(
     if not distributed.is_main():
         return tracking.Run(None, None)  # only rank 0 tracks and writes files
     if resume is not None and resume.info.get("mlflow_run_id"):
-        return tracking.Run.attach(resume.info["mlflow_run_id"])
+        run = tracking.Run.attach(resume.info["mlflow_run_id"])
+        run.claim()
+        return run
     # The model section as it resolved (its nulls are the preset's values), so runs compare by what they trained.
     logged = params.values | {"model": {"preset": params.model.preset, **model_config}}
     # Parameter counts are facts of the model, tags rather than metrics: MLflow's comparison plots the first

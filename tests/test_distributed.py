@@ -46,3 +46,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     torch.testing.assert_close(ranks[0]["biases"], one["biases"])
     torch.testing.assert_close(ranks[0]["head"], ranks[1]["head"], rtol=0, atol=0)
     torch.testing.assert_close(ranks[0]["head"], one["head"], rtol=1e-4, atol=1e-6)
+
+
+def torchrun(*args: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
+    result = subprocess.run([*command, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_resume_of_two_processes_logs_what_an_uninterrupted_run_logs(tmp_path):
+    """The logging window (steps 1 to 3) spans the checkpoint at step 2: its sums must come back for both ranks."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    torchrun(str(full), "2", "3")
+    torchrun(str(resumed), "2", "3", str(full / "checkpoints" / "step_00000002"))
+    assert len(losses(full)) == 2
+    assert losses(resumed) == losses(full)
