@@ -91,8 +91,13 @@ def check_replaceable(
     """
     target = Path(target)
     for source in map(Path, inputs):
-        if _overlaps(target, source):
-            raise UserError(f"{target} would overwrite {source}, which this command reads: choose another directory")
+        if relation := _overlap(target, source):
+            read = (
+                "is the directory this command reads"
+                if relation == "is"
+                else f"{relation} {source}, which this command reads"
+            )
+            raise UserError(f"{target} {read}: choose another directory")
     if not target.exists():
         return
     if not target.is_dir():
@@ -212,9 +217,18 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _overlaps(target: Path, source: Path) -> bool:
+def _overlap(target: Path, source: Path) -> str:
+    """How replacing target would touch source: "is", "is inside" or "holds"; "" if it would not."""
     target, source = target.absolute(), source.absolute()
-    return target == source or source in target.parents or target in source.parents
+    return (
+        "is"
+        if target == source
+        else "is inside"
+        if source in target.parents
+        else "holds"
+        if target in (source.parents)
+        else ""
+    )
 
 
 def disk_full(error: OSError, path: Path, needed: int) -> OSError | UserError:
