@@ -150,6 +150,8 @@ class DocRunner:
             # The original configuration: the hub's tokenizer is a local stand-in; one narrow layer of the preset.
             code = code.replace("train.max_steps=2500", "train.max_steps=2")
             code += f" -S tokenizer.pretrained={self.tokenizer_dir} -S model.num_layers=1 -S model.hidden_size=64"
+        if code.startswith("deepseek generate"):  # the tiny model's context is 64 tokens
+            code = re.sub(r"--max-new-tokens \d+", "--max-new-tokens 40", code)
         if match := re.match(r"python -m benchmarks\.(\w+)", code):
             code += f" {BENCHMARK_TINY_ARGS[match.group(1)]} --device cpu --threads 1"
         return code
