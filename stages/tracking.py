@@ -95,8 +95,23 @@ def _retry(call: Callable[[], T], attempts: int = 5) -> T:
 def client() -> MlflowClient:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
     return mlflow.MlflowClient(tracking_uri())
+
+
+@contextmanager
+def _fluent_tracking_uri() -> Iterator[None]:
+    """MLflow's fluent API (log_model, register_model) reads one process-wide tracking URI, and set_tracking_uri
+    also exports it to the environment; set it for the block only, so that it never leaks into later work."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # type: ignore[arg-type]  # None: back to the default
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def experiment_id(mlflow_client: MlflowClient) -> str:
@@ -329,7 +344,7 @@ def log_model(run: Run, model_dir: Path, register_as: str | None, alias: str) ->
     from deepseek import checkpoint
 
     try:
-        with mlflow.start_run(run_id=run.run_id):
+        with _fluent_tracking_uri(), mlflow.start_run(run_id=run.run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(Path(__file__).with_name("mlflow_model.py")),
@@ -338,7 +353,8 @@ def log_model(run: Run, model_dir: Path, register_as: str | None, alias: str) ->
                 pip_requirements=["torch", "safetensors", "numpy", "transformers"],
             )
         if register_as:
-            version = _retry(lambda: mlflow.register_model(info.model_uri, register_as))
+            with _fluent_tracking_uri():
+                version = _retry(lambda: mlflow.register_model(info.model_uri, register_as))
             run._do(lambda client, _: client.set_registered_model_alias(register_as, alias, version.version))
         return info.model_uri
     except Exception as error:

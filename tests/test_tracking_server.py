@@ -188,5 +188,6 @@ def test_pipeline_completes_when_the_tracking_server_dies_mid_training(tmp_path,
     run_id = json.loads((repo / "reports" / "mlflow_run.json").read_text())["run_id"]
     stored = MlflowClient(server.backend_uri)
     assert stored.get_run(run_id).info.status == "RUNNING"
-    steps = [m.step for m in stored.get_metric_history(run_id, "loss")]
-    assert 3 <= len(steps) < max_steps and max(steps) < max_steps, steps
+    # Metrics go asynchronously: what reached the server before it died is the first steps, without gaps.
+    steps = sorted(m.step for m in stored.get_metric_history(run_id, "loss"))
+    assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) < max_steps, steps
