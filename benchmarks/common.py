@@ -35,11 +35,11 @@ OURS, THEIRS = "ours", "transformers"
 DEFAULT_SHAPES: dict[str, dict[str, tuple[int, int]]] = {
     "tiny": {"cpu": (8, 64), "cuda": (64, 64)},
     "cpu": {"cpu": (16, 256), "cuda": (64, 256)},
-    "seed": {"cpu": (1, 128), "cuda": (8, 2048)},
+    "seed": {"cpu": (4, 128), "cuda": (8, 2048)},
 }
 
-# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, matched against the CUDA device name, for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# The square matmul that measures a device's peak for MFU: large enough to reach the GEMM library's best rate.
+PEAK_MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 
 device_option = click.option(
     "--device",
@@ -102,14 +102,16 @@ def run_header(title: str, device: torch.device, precision: str) -> dict[str, st
     }
 
 
-def peak_bf16_flops(device: torch.device) -> float | None:
-    """The GPU's dense bf16 peak; None where we do not know it (CPUs, unlisted GPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    if "H100" in name and ("PCIe" in name or "NVL" in name):
-        return None  # lower clocks than the SXM part whose peak the table holds
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+def measured_peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul in dtype on device, the best of repeats: the peak that MFU divides by.
+
+    Measured in the same run as the models, so a busy or throttled machine lowers both alike.
+    """
+    size = PEAK_MATMUL_SIZE[device.type]
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    a @ b  # the first call selects and warms up the kernel
+    _, seconds = timed(lambda: a @ b, device, repeats)
+    return 2 * size**3 / seconds
 
 
 def batch_shape(preset: str, device: torch.device, batch_size: int | None, seq_len: int | None) -> tuple[int, int]:

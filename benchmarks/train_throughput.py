@@ -1,10 +1,11 @@
 """Training throughput: tokens/s of forward + backward + AdamW step, ours against transformers' DeepseekV3.
 
 Both models hold the same weights (transformers' is loaded from our export; the largest logit difference is
-printed) and train on the same random batches. fp32 on CPU; on CUDA, bf16 autocast over fp32 weights, as our
-trainer does.
+printed) and train on the same random batches, in each precision asked for: float32, and bf16 autocast over
+float32 weights and optimizer state (what our trainer's train.dtype bfloat16 does).
 
-Model FLOPs utilisation (MFU) = tokens/s * training FLOPs per token / the GPU's dense bf16 peak, where
+Model FLOPs utilisation (MFU) = tokens/s * training FLOPs per token / the peak FLOP/s of a large square matmul in
+the same precision, measured in the same run, where
 
     FLOPs per token = 6 * (active non-embedding parameters + LM head parameters)
                     + 3 * num_layers * seq_len * num_heads * (qk_head_dim + v_head_dim)
@@ -25,6 +26,7 @@ import torch
 from benchmarks.common import (
     DEFAULT_SHAPES,
     OURS,
+    PEAK_MATMUL_SIZE,
     THEIRS,
     batch_shape,
     device_option,
@@ -33,7 +35,7 @@ from benchmarks.common import (
     json_option,
     make_train_step,
     max_logit_diff,
-    peak_bf16_flops,
+    measured_peak_flops,
     pick_device,
     print_header,
     print_table,
@@ -46,11 +48,12 @@ from benchmarks.common import (
     transformers_twin,
     write_json,
 )
+from deepseek.cpu import keep_freed_memory
 from deepseek.model import DeepSeekLM
-from deepseek.trainer import resolve_dtype
 
 COLUMNS = [
     "preset",
+    "precision",
     "batch",
     "seq len",
     "GFLOP/token",
@@ -61,6 +64,17 @@ COLUMNS = [
     "transformers MFU %",
     "max logit diff",
 ]
+BEST_COLUMNS = [
+    "preset",
+    "ours best",
+    "ours tok/s",
+    "transformers best",
+    "transformers tok/s",
+    "ours best / transformers best",
+    "ours best / ours float32",
+]
+PEAK_COLUMNS = ["precision", "matmul", "GFLOP/s"]
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def training_flops_per_token(model: DeepSeekLM, seq_len: int) -> float:
@@ -92,14 +106,16 @@ def measure_preset(
     preset: str,
     device: torch.device,
     dtype: torch.dtype,
-    batch_size: int,
-    seq_len: int,
+    peak: float,
+    shape: tuple[int, int],
     steps: int,
     warmup: int,
     seed: int,
     compile: bool,
 ) -> tuple[dict, str]:
-    """One table row for the preset, and which attention and experts kernels transformers chose."""
+    """One table row: the preset in one precision, both models from the same weights, MFU against peak FLOP/s;
+    and which attention and experts kernels transformers chose."""
+    batch_size, seq_len = shape
     ours = seeded_model(preset, seed)
     theirs = transformers_twin(ours)
     ours.to(device)
@@ -109,27 +125,49 @@ def measure_preset(
     speed = {}
     for model in (ours, theirs):
         click.echo(
-            f"{preset}: training {implementation_of(model)} ({batch_size} x {seq_len}, {warmup} + {steps} steps)",
+            f"{preset}, {dtype_name(dtype)}: training {implementation_of(model)} "
+            f"({batch_size} x {seq_len}, {warmup} + {steps} steps)",
             err=True,
         )
         speed[implementation_of(model)] = tokens_per_second(model, batches, warmup, device, dtype, compile)
     flops = training_flops_per_token(ours, seq_len)
-    peak = peak_bf16_flops(device)
-    mfu = {name: None if peak is None else 100 * tokens * flops / peak for name, tokens in speed.items()}
     row = {
         "preset": preset,
+        "precision": dtype_name(dtype),
         "batch": batch_size,
         "seq len": seq_len,
         "GFLOP/token": flops / 1e9,
         "ours tok/s": speed[OURS],
         "transformers tok/s": speed[THEIRS],
         "ours / transformers": speed[OURS] / speed[THEIRS],
-        "ours MFU %": mfu[OURS],
-        "transformers MFU %": mfu[THEIRS],
+        "ours MFU %": 100 * speed[OURS] * flops / peak,
+        "transformers MFU %": 100 * speed[THEIRS] * flops / peak,
         "max logit diff": diff,
     }
     kernels = f"attention={theirs.config._attn_implementation}, experts={theirs.config._experts_implementation}"
     return row, kernels
+
+
+def best_precisions(rows: list[dict]) -> list[dict]:
+    """Per preset, each implementation at its fastest precision, and ours against our float32."""
+    best = []
+    for preset in dict.fromkeys(row["preset"] for row in rows):
+        mine = [row for row in rows if row["preset"] == preset]
+        ours = max(mine, key=lambda row: row["ours tok/s"])
+        theirs = max(mine, key=lambda row: row["transformers tok/s"])
+        fp32 = next((row["ours tok/s"] for row in mine if row["precision"] == "float32"), None)
+        best.append(
+            {
+                "preset": preset,
+                "ours best": ours["precision"],
+                "ours tok/s": ours["ours tok/s"],
+                "transformers best": theirs["precision"],
+                "transformers tok/s": theirs["transformers tok/s"],
+                "ours best / transformers best": ours["ours tok/s"] / theirs["transformers tok/s"],
+                "ours best / ours float32": None if fp32 is None else ours["ours tok/s"] / fp32,
+            }
+        )
+    return best
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,6 +179,15 @@ def measure_preset(
     default=("cpu", "seed"),
     show_default=True,
     help="Model preset; repeat for several.",
+)
+@click.option(
+    "--precision",
+    "precisions",
+    multiple=True,
+    type=click.Choice(list(PRECISIONS)),
+    default=tuple(PRECISIONS),
+    show_default=True,
+    help="float32, or bfloat16 mixed precision (autocast over float32 weights, as our trainer); repeat for several.",
 )
 @click.option(
     "--batch-size",
@@ -162,6 +209,7 @@ def measure_preset(
 @json_option
 def main(
     presets: tuple[str, ...],
+    precisions: tuple[str, ...],
     batch_size: int | None,
     seq_len: int | None,
     steps: int,
@@ -172,34 +220,41 @@ def main(
     seed: int,
     json_path: Path | None,
 ) -> None:
-    """Training tokens/s and MFU of DeepSeekLM against transformers' DeepseekV3ForCausalLM, same weights."""
+    """Training tokens/s and MFU of DeepSeekLM against transformers' DeepseekV3ForCausalLM, same weights, in each
+    precision; MFU divides by a matmul peak measured in the same run."""
     device = pick_device(device_name, threads)
-    dtype = resolve_dtype("auto", device)
+    keep_freed_memory()
     if device.type == "cuda":  # as our trainer does; fp32 leftovers under autocast (the router) use TF32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     shapes = {preset: batch_shape(preset, device, batch_size, seq_len) for preset in presets}  # fail before work
+    peaks = {name: measured_peak_flops(device, PRECISIONS[name]) for name in precisions}
     rows, kernels = [], ""
-    for preset, (preset_batch, preset_seq) in shapes.items():
-        row, kernels = measure_preset(
-            preset, device, dtype, preset_batch, preset_seq, steps, warmup, seed, compile_models
-        )
-        rows.append(row)
-    precision = "float32" if dtype == torch.float32 else f"{dtype_name(dtype)} autocast, float32 weights"
-    header = run_header("Training throughput", device, precision) | {
+    for preset, shape in shapes.items():
+        for name in precisions:
+            row, kernels = measure_preset(
+                preset, device, PRECISIONS[name], peaks[name], shape, steps, warmup, seed, compile_models
+            )
+            rows.append(row)
+    header = run_header("Training throughput", device, ", ".join(precisions)) | {
         "transformers kernels": kernels,
         "torch.compile": "both models" if compile_models else "no (eager)",
     }
+    size = PEAK_MATMUL_SIZE[device.type]
+    peak_rows = [{"precision": name, "matmul": f"{size}^3", "GFLOP/s": peak / 1e9} for name, peak in peaks.items()]
     print_header(header)
+    print_table("Measured peak: the best of 5 square matmuls", PEAK_COLUMNS, peak_rows)
     print_table(
         "Tokens/s (forward + backward + AdamW step)",
         COLUMNS,
         rows,
-        notes="MFU needs the device's peak FLOP/s, known only for H100 SXM, H200 and A100 (bf16 dense). "
-        "Max logit diff compares the two models in eval mode before training, in float32 "
-        "(TF32 matmuls on CUDA).",
+        notes="MFU: model FLOPs per second (formula in the module docstring) over the measured peak of the same "
+        "precision. bfloat16 is autocast over float32 weights and optimizer state, for both models. Max logit "
+        "diff compares the two models in eval mode before training, in float32 (TF32 matmuls on CUDA).",
     )
-    write_json(json_path, header, {"train_throughput": rows})
+    best = best_precisions(rows)
+    print_table("Each implementation at its best precision", BEST_COLUMNS, best)
+    write_json(json_path, header, {"peak": peak_rows, "train_throughput": rows, "best": best})
 
 
 if __name__ == "__main__":

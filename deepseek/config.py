@@ -147,7 +147,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 = no clipping
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
+    # auto: bf16 (or fp16) on CUDA; bf16 on CPUs with AMX or AVX512-BF16, fp32 on other CPUs
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 8  # validation batches, spread over the split, for val_loss_sampled

@@ -33,6 +33,7 @@ from deepseek.balance import max_violation
 from deepseek.batches import check_token_ids, training_batches
 from deepseek.checkpoint import ResumePoint, checkpoint_path, save_checkpoint
 from deepseek.config import TrainConfig
+from deepseek.cpu import fast_bf16, keep_freed_memory
 from deepseek.errors import UserError
 from deepseek.evaluation import autocast, evaluate
 from deepseek.files import write_text
@@ -196,6 +197,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        else:
+            keep_freed_memory()
         self.model = model.to(self.device).train()
         self.step_model = self._wrap(self.model)
         self.optimizer = build_optimizer(self.model, config)
@@ -309,16 +312,20 @@ class Trainer:
         c = self.config
         step_loss = torch.zeros((), device=self.device)
         step_correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for micro_step in range(c.grad_accum_steps):
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in next(batches))
-            # Under DDP, gradients are averaged across ranks once per step, on the last micro-batch.
-            sync = micro_step == c.grad_accum_steps - 1 or not distributed.active()
-            no_sync = nullcontext() if sync else cast(DistributedDataParallel, self.step_model).no_sync()
-            with autocast(self.device, self.dtype), no_sync:
-                out = self.step_model(inputs, targets)
-                self.scaler.scale(out.loss / c.grad_accum_steps).backward()
-            step_loss += out.loss.detach()
-            step_correct += (out.logits.detach().argmax(dim=-1) == targets).sum()
+        # One autocast context over the whole step: autocast keeps its bf16 copy of each weight until its outermost
+        # context exits, so the weights are cast once per optimizer step, not once per micro-batch.
+        with autocast(self.device, self.dtype):
+            for micro_step in range(c.grad_accum_steps):
+                inputs, targets = (t.to(self.device, non_blocking=True) for t in next(batches))
+                # Under DDP, gradients are averaged across ranks once per step, on the last micro-batch.
+                sync = micro_step == c.grad_accum_steps - 1 or not distributed.active()
+                no_sync = nullcontext() if sync else cast(DistributedDataParallel, self.step_model).no_sync()
+                with no_sync:
+                    out = self.step_model(inputs, targets)
+                    with torch.autocast(self.device.type, enabled=False):  # backward in the forward's dtypes
+                        self.scaler.scale(out.loss / c.grad_accum_steps).backward()
+                step_loss += out.loss.detach()
+                step_correct += (out.logits.detach().argmax(dim=-1) == targets).sum()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip or float("inf"))
         lr = float(self.scheduler.get_last_lr()[0])
@@ -482,13 +489,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 autocast on CUDA where supported, else fp16 (with a GradScaler); fp32 on CPU."""
+    """auto: bf16 mixed precision on CUDA where supported (else fp16, with a GradScaler), and on CPUs that multiply
+    bf16 natively (AMX or AVX512-BF16); fp32 on other CPUs."""
     if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if fast_bf16() else torch.float32
     dtype: torch.dtype = getattr(torch, name)
     return dtype
+
+
+def describe_precision(dtype: torch.dtype) -> str:
+    """How training computes, for the log and the tracking server."""
+    if dtype == torch.float32:
+        return "float32"
+    return f"{str(dtype).removeprefix('torch.')} autocast over float32 weights and optimizer state"
 
 
 def build_optimizer(model: DeepSeekLM, config: TrainConfig) -> torch.optim.AdamW:

@@ -28,7 +28,16 @@ from deepseek.checkpoint import (
 )
 from deepseek.files import check_replaceable, directory_lock, write_json
 from deepseek.model import DeepSeekLM
-from deepseek.trainer import Sampler, Trainer, TrainingStopped, TrainOutputs, seed_everything
+from deepseek.trainer import (
+    Sampler,
+    Trainer,
+    TrainingStopped,
+    TrainOutputs,
+    describe_precision,
+    resolve_device,
+    resolve_dtype,
+    seed_everything,
+)
 from stages import tracking
 from stages.code import code_version
 from stages.options import params_option, report_user_errors
@@ -86,9 +95,12 @@ def train(
     seed_everything(params.seed)
     model = DeepSeekLM(config)
     counts = model.parameter_counts()
+    device = resolve_device(params.train.device)
+    precision = describe_precision(resolve_dtype(params.train.dtype, device))
     click.echo(
         f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token; "
-        f"{params.train.max_steps} steps of {params.train.tokens_per_step:,} tokens"
+        f"{params.train.max_steps} steps of {params.train.tokens_per_step:,} tokens; {precision} on {device.type}"
+        + (" (train.dtype auto)" if params.train.dtype == "auto" else "")
     )
     # What the trained weights depend on; a checkpoint resumes only onto the same (stages/code.py: "code").
     fingerprint = {
@@ -100,7 +112,11 @@ def train(
     with directory_lock(model_dir, "training") if distributed.is_main() else nullcontext():
         check_replaceable(model_dir / "final", MODEL_DIR, inputs=[tokenizer_dir])  # before training, not after
         resume = _resume_point(model_dir / "checkpoints", fingerprint, params.train.max_steps)
-        run = _tracking_run(params, config.to_dict(), counts, stats, resume, params_path, tokenizer_dir)
+        # Parameter counts are facts of the model, tags rather than metrics: MLflow's comparison plots the first
+        # metric a run logged, which is then the training loss.
+        tags = _run_tags(stats) | {f"model.parameters.{k}": str(v) for k, v in counts.items()}
+        tags |= {"train.precision": precision, "train.device": device.type}
+        run = _tracking_run(params, config.to_dict(), tags, stats, resume, params_path, tokenizer_dir)
         if distributed.is_main():
             run.write_run_file(reports_dir / tracking.RUN_FILE)
         trainer = Trainer(
@@ -164,7 +180,7 @@ def _sampler(sample: SampleParams, tokenizer: PreTrainedTokenizerBase) -> Sample
 def _tracking_run(
     params: Params,
     model_config: dict,
-    counts: dict[str, int],
+    tags: dict[str, str],
     stats: dict,
     resume: ResumePoint | None,
     params_path: str,
@@ -180,9 +196,6 @@ def _tracking_run(
         return run
     # The model section as it resolved (its nulls are the preset's values), so runs compare by what they trained.
     logged = params.values | {"model": {"preset": params.model.preset, **model_config}}
-    # Parameter counts are facts of the model, tags rather than metrics: MLflow's comparison plots the first
-    # metric a run logged, which is then the training loss.
-    tags = _run_tags(stats) | {f"model.parameters.{k}": str(v) for k, v in counts.items()}
     run = tracking.Run.start(params=logged, tags=tags)
     run.log_dataset(stats, source=_corpus_uri(params.data))
     run.log_artifact(params_path)

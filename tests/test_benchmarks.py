@@ -46,21 +46,29 @@ def number(cell: str) -> float:
     return float(cell.replace(",", ""))
 
 
-def test_train_throughput_reports_both_implementations(run):
-    from benchmarks.train_throughput import COLUMNS
+def test_train_throughput_reports_both_implementations_in_both_precisions(run):
+    from benchmarks.train_throughput import BEST_COLUMNS, COLUMNS, PEAK_COLUMNS
 
     tables, data = run(
         "train_throughput", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--warmup", "0"
     )
-    [[header, row]] = tables
-    assert header == COLUMNS
-    cells = dict(zip(header, row, strict=True))
-    assert cells["preset"] == "tiny" and cells["ours MFU %"] == "n/a"  # no known peak for a CPU
-    for column in ("GFLOP/token", "ours tok/s", "transformers tok/s", "ours / transformers"):
-        assert number(cells[column]) > 0
-    [result] = data["train_throughput"]
-    assert result["ours tok/s"] > 0 and result["transformers tok/s"] > 0
-    assert result["max logit diff"] < 1e-4  # the two models really hold the same weights
+    [[peak_header, *peak_rows], [header, *rows], [best_header, best_row]] = tables
+    assert best_row[0] == "tiny"
+    assert (peak_header, header, best_header) == (PEAK_COLUMNS, COLUMNS, BEST_COLUMNS)
+    assert [row[0] for row in peak_rows] == ["float32", "bfloat16"]
+    assert [(row[0], row[1]) for row in rows] == [("tiny", "float32"), ("tiny", "bfloat16")]
+    peaks = {row["precision"]: row["GFLOP/s"] * 1e9 for row in data["peak"]}
+    for result in data["train_throughput"]:
+        assert result["ours tok/s"] > 0 and result["transformers tok/s"] > 0
+        assert result["max logit diff"] < 1e-4  # the two models really hold the same weights
+        for name in ("ours", "transformers"):  # MFU divides the model FLOPs by the peak measured in this run
+            flops = result[f"{name} tok/s"] * result["GFLOP/token"] * 1e9
+            assert result[f"{name} MFU %"] == pytest.approx(100 * flops / peaks[result["precision"]])
+    [best] = data["best"]
+    fastest = max(data["train_throughput"], key=lambda result: result["ours tok/s"])
+    assert best["ours best"] == fastest["precision"] and best["ours tok/s"] == fastest["ours tok/s"]
+    fp32 = data["train_throughput"][0]["ours tok/s"]
+    assert best["ours best / ours float32"] == pytest.approx(fastest["ours tok/s"] / fp32)
 
 
 @pytest.mark.slow  # compiles both models: about a minute on two cores
@@ -98,8 +106,9 @@ def test_generation_reports_every_variant_and_the_cache_sizes(run):
         if result["tok/s"] != "skipped":
             assert result["prefill s"] > 0 and result["total s"] > 0 and result["tok/s"] > 0
     [cache] = data["cache"]
-    assert cache["ours (latent) B/token"] == (16 + 8) * 4 * 2  # (kv_lora_rank + rope) fp32 values, 2 layers
-    assert cache["standard MHA B/token"] == 2 * (8 + 8 + 8) * 4 * 2
+    size = getattr(torch, cache["dtype"]).itemsize  # train.dtype auto's choice: bf16 on CPUs with fast bf16
+    assert cache["ours (latent) B/token"] == (16 + 8) * size * 2  # (kv_lora_rank + rope) values, 2 layers
+    assert cache["standard MHA B/token"] == 2 * (8 + 8 + 8) * size * 2
     assert cache["transformers B/token (measured)"] > 0
     assert number(cache_row[2]) > 0
 
