@@ -152,7 +152,7 @@ class MultiHeadLatentAttention(nn.Module):
         v_pad = q.shape[-1] - self.v_dim
         if v_pad > 0:
             v = F.pad(v, (0, v_pad))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        out = causal_attention(q, k, v, self.scale)
         return out[..., : self.v_dim].transpose(1, 2)  # (batch, seq, heads, v_dim)
 
     def _attend_absorbed(
@@ -181,3 +181,29 @@ class MultiHeadLatentAttention(nn.Module):
         out = scores.softmax(dim=-1, dtype=torch.float32).type_as(q) @ keys[..., : self.kv_lora_rank]
         out = out.view(batch, seq, heads, self.kv_lora_rank)
         return torch.einsum("bshc,hdc->bshd", out, w_uv)
+
+
+# Up to this many positions, bf16 attention on CPU materialises its scores (see causal_attention).
+CPU_MATERIALISED_MAX_SEQ = 512
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention over (batch, heads, seq, dim) tensors: SDPA, except in bf16 or fp16 on CPU.
+
+    There torch's flash kernel runs slower than in fp32 at this model's head sizes (forward and backward of
+    16 x 4 heads x 128 positions x 48: 13.3 ms in bf16, 7.6 in fp32), while the plain formula, bf16 matmuls
+    around a float32 softmax, trains the `cpu` preset 1.3x faster than fp32 flash attention (and fuses under
+    torch.compile). Its (seq x seq) scores grow with the square of the length, so longer sequences attend in
+    float32 with the flash kernel instead.
+    """
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    seq = q.shape[-2]
+    if seq > CPU_MATERIALISED_MAX_SEQ:
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the float32 inputs back down
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=scale)
+        return out.to(q.dtype)
+    scores = (q @ k.transpose(-2, -1)).float() * scale
+    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return weights.to(v.dtype) @ v

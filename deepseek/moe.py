@@ -76,8 +76,6 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return aligned and (on_cpu or x.dtype == torch.bfloat16)
 
 
-# Left out of torch.compile graphs: dynamo's shape rule for grouped_mm admits bf16 only (torch 2.13).
-@torch.compiler.disable
 def grouped_linear(
     x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor, sizes: list[int] | None = None
 ) -> torch.Tensor:
@@ -87,9 +85,16 @@ def grouped_linear(
     each expert, on the host), each expert runs its own matmul: the path where grouped_mm does not apply.
     """
     weight = weight.to(x.dtype)
-    if sizes is None:
+    if sizes is not None:
+        return torch.cat([F.linear(rows, weight[e]) for e, rows in enumerate(x.split(sizes))])
+    if x.dtype == torch.bfloat16:  # torch.compile traces grouped_mm in bf16 only (torch 2.13)
         return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
-    return torch.cat([F.linear(rows, weight[e]) for e, rows in enumerate(x.split(sizes))])
+    return _grouped_mm_outside_compile(x, weight, ends)
+
+
+@torch.compiler.disable  # a graph break in fp32 and fp16: dynamo's shape rule for grouped_mm admits bf16 only
+def _grouped_mm_outside_compile(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
 
 
 class RoutedExperts(nn.Module):
@@ -151,7 +156,10 @@ class MoE(nn.Module):
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         routing = self.gate(flat)
-        counts = torch.bincount(routing.indices.flatten(), minlength=self.num_experts)
+        chosen = routing.indices.flatten()
+        # Tokens per expert; a scatter_add rather than bincount, whose data-dependent output shape breaks
+        # torch.compile's graph at every MoE layer.
+        counts = chosen.new_zeros(self.num_experts).scatter_add_(0, chosen, torch.ones_like(chosen))
         out = self.experts(flat, routing, counts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

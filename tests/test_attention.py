@@ -2,7 +2,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from deepseek.attention import CPU_MATERIALISED_MAX_SEQ, causal_attention
 from deepseek.config import ModelConfig
 from deepseek.layers import apply_rope, rope_tables
 from deepseek.model import DeepSeekLM
@@ -80,3 +82,21 @@ def test_too_long_input_is_refused(tiny_config):
     model = DeepSeekLM(tiny_config)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, tiny_config.max_seq_len + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("seq", [64, CPU_MATERIALISED_MAX_SEQ + 16])  # materialised scores, then flash in fp32
+def test_bf16_causal_attention_on_cpu_follows_float32_sdpa(seq):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, seq, 48, requires_grad=True) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.15)
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    actual = causal_attention(*low, scale=0.15)
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), expected, atol=2e-2, rtol=2e-2)  # bf16 keeps 8 bits of mantissa
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    actual.backward(grad.bfloat16())
+    for reference, ours in zip((q, k, v), low, strict=True):
+        torch.testing.assert_close(ours.grad.float(), reference.grad, atol=5e-2, rtol=5e-2)
+    # the future never leaks into the past: the first position attends to itself only
+    torch.testing.assert_close(actual[:, :, 0].float(), low[2][:, :, 0].float(), atol=0, rtol=0)
