@@ -48,6 +48,7 @@ class ModelConfig:
     # Other.
     tie_embeddings: bool = False
     init_std: float = 0.02
+    dropout: float = 0.0  # training only: on the embeddings and on each block's attention and FFN outputs
 
     def __post_init__(self) -> None:
         self._check_values()
@@ -62,6 +63,7 @@ class ModelConfig:
             require(_is_number(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive number")
         for name in ("bias_update_rate", "seq_aux_loss_coef"):
             require(_is_number(getattr(self, name)) and getattr(self, name) >= 0, name, "must be a number >= 0")
+        require(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", "must be a number in [0, 1)")
         require(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be true or false")
         require(self.score_func in ("sigmoid", "softmax"), "score_func", "must be 'sigmoid' or 'softmax'")
 

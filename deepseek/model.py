@@ -30,15 +30,22 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = layer >= config.first_k_dense_layers
         self.ffn: MoE | SwiGLU = MoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
+        self.dropout = config.dropout
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        x = x + dropout(self.attn(self.attn_norm(x), cos, sin, cache), self.dropout, self.training)
         if not self.is_moe:
-            return x + self.ffn(self.ffn_norm(x)), None, None
+            return x + dropout(self.ffn(self.ffn_norm(x)), self.dropout, self.training), None, None
         out, counts, aux_loss = self.ffn(self.ffn_norm(x))
-        return x + out, counts, aux_loss
+        return x + dropout(out, self.dropout, self.training), counts, aux_loss
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Residual dropout (as nanoGPT and the original Transformer); p = 0 leaves x untouched and draws no random
+    numbers, so a model without dropout trains exactly as before it existed."""
+    return F.dropout(x, p, training) if p > 0 else x
 
 
 class DeepSeekLM(nn.Module):
@@ -83,7 +90,7 @@ class DeepSeekLM(nn.Module):
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds max_seq_len ({self.config.max_seq_len})")
         cos, sin = rope_tables(self.config.qk_rope_head_dim, start, end, self.config.rope_theta, input_ids.device)
-        x = self.embed(input_ids)
+        x = dropout(self.embed(input_ids), self.config.dropout, self.training)
         all_counts, aux_loss = [], x.new_zeros((), dtype=torch.float32)
         for block in self.layers:
             x, counts, layer_aux = block(x, cos, sin, cache)
