@@ -29,9 +29,10 @@ from torch import nn
 
 from deepseek.checkpoint import run_fingerprint
 from deepseek.config import ModelConfig, TrainConfig
+from deepseek.evaluation import autocast
 from deepseek.files import write_json
 from deepseek.model import DeepSeekLM
-from deepseek.trainer import build_optimizer
+from deepseek.trainer import build_optimizer, resolve_dtype
 from stages.params import load_yaml, parse_params
 
 PROFILE = Path(".ci/profile.yaml")
@@ -82,6 +83,9 @@ def lock_status(repo: Path) -> list[str]:
 # --- throughput, relative to a reference timed in the same process ---------------------------------------------
 
 
+CPU = torch.device("cpu")
+
+
 class ReferenceLM(nn.Module):
     """A fixed dense transformer built only from torch.nn, so our code changes never change it."""
 
@@ -97,14 +101,18 @@ class ReferenceLM(nn.Module):
         return self.head(self.blocks(self.embed(ids), mask=mask, is_causal=True))
 
 
-def _training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> Callable[[], None]:
-    """One optimizer step on ids: forward, backward, clipping, update (and, for ours, the balancing update)."""
+def _training_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, dtype: torch.dtype
+) -> Callable[[], None]:
+    """One optimizer step on ids in the trainer's precision: forward, backward, clipping, update (and, for ours,
+    the balancing update)."""
 
     def step() -> None:
-        if isinstance(model, DeepSeekLM):
-            loss = model(ids[:, :-1], ids[:, 1:]).loss
-        else:
-            loss = nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        with autocast(CPU, dtype):
+            if isinstance(model, DeepSeekLM):
+                loss = model(ids[:, :-1], ids[:, 1:]).loss
+            else:
+                loss = nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -118,7 +126,8 @@ def _training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torc
 def interleaved_throughput(config: ModelConfig, train: TrainConfig, rounds: int = 30, warmup: int = 3) -> list[float]:
     """Our training step's speed over ReferenceLM's, once per round of one step each, alternating which goes first.
 
-    Both see the same batch of train.micro_batch_size x train.seq_len tokens. Load from other processes
+    Both see the same batch of train.micro_batch_size x train.seq_len tokens, in the precision train.dtype
+    resolves to on this machine (what the pipeline trains in). Load from other processes
     slows both steps of a round alike, so it cancels in the round's ratio; the median over rounds is robust
     to the rounds it does not.
     """
@@ -126,8 +135,9 @@ def interleaved_throughput(config: ModelConfig, train: TrainConfig, rounds: int 
     ours = DeepSeekLM(config)
     reference = ReferenceLM(vocab=config.vocab_size)
     ids = torch.randint(0, config.vocab_size, (train.micro_batch_size, train.seq_len + 1))
-    our_step = _training_step(ours, build_optimizer(ours, train), ids)
-    reference_step = _training_step(reference, torch.optim.AdamW(reference.parameters(), fused=True), ids)
+    dtype = resolve_dtype(train.dtype, CPU)
+    our_step = _training_step(ours, build_optimizer(ours, train), ids, dtype)
+    reference_step = _training_step(reference, torch.optim.AdamW(reference.parameters(), fused=True), ids, dtype)
     for _ in range(warmup):
         our_step()
         reference_step()
@@ -224,7 +234,8 @@ def measure(workdir: Path, params: dict[str, Any], baseline: dict[str, Any] | No
     """The gate's metrics for params: quality from the pipeline, then throughput timed against the reference."""
     result = run_profile(workdir, params, baseline)
     parsed = parse_params(params)
-    click.echo(f"timing {rounds} interleaved rounds of our training step and the reference's ...")
+    precision = str(resolve_dtype(parsed.train.dtype, CPU)).removeprefix("torch.")
+    click.echo(f"timing {rounds} interleaved rounds of our training step and the reference's, in {precision} ...")
     ratios = interleaved_throughput(parsed.model.config(result["vocab_size"]), parsed.train, rounds)
     val = result["reports"]["metrics.json"]["val"]
     result["metrics"] = {
