@@ -47,7 +47,8 @@ def save_model(model: DeepSeekLM, out_dir: str | Path, tokenizer_dir: str | Path
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> DeepSeekLM:
-    """A DeepSeekLM from a directory written by save_model or save_checkpoint; UserError if unusable."""
+    """A DeepSeekLM from a directory written by save_model or save_checkpoint, in eval mode (no dropout, no expert
+    load counting; call .train() to train it); UserError if unusable."""
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG).exists() or not (model_dir / WEIGHTS).exists():
         raise UserError(f"no model in {model_dir} (expected {CONFIG} and {WEIGHTS}): run the train stage first")
@@ -66,7 +67,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Dee
         raise UserError(
             f"{model_dir / WEIGHTS} does not match {CONFIG}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    return model.to(device)
+    return model.to(device).eval()
 
 
 def run_fingerprint(*parts: Any) -> str:

@@ -18,7 +18,7 @@ class DeepSeekPyfunc(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         from deepseek.checkpoint import load_model
 
-        self.model = load_model(context.artifacts["model"]).eval()
+        self.model = load_model(context.artifacts["model"])
 
     # No type hint on model_input: MLflow validates input against it, and list[list[int]] refuses a NumPy array
     # while list[Any] reads a DataFrame's first column only. Unhinted, MLflow passes the input through as given.

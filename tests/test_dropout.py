@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from deepseek.checkpoint import load_model, save_model
 from deepseek.config import ModelConfig
 from deepseek.errors import ConfigError
 from deepseek.model import DeepSeekLM
@@ -45,3 +46,13 @@ def test_zero_dropout_draws_no_random_numbers():
 def test_dropout_outside_zero_to_one_is_refused(p):
     with pytest.raises(ConfigError, match="dropout"):
         ModelConfig.from_preset("tiny", dropout=p)
+
+
+def test_a_loaded_model_is_ready_for_inference(tmp_path):
+    """load_model gives eval mode: a model trained with dropout answers the same input the same way."""
+    _, dropped = twins(0.2)
+    save_model(dropped, tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+    assert not loaded.training
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 16))
+    assert torch.equal(loaded(ids).logits, loaded(ids).logits)
