@@ -32,7 +32,7 @@ from deepseek.config import ModelConfig, TrainConfig
 from deepseek.evaluation import autocast
 from deepseek.files import write_json
 from deepseek.model import DeepSeekLM
-from deepseek.trainer import build_optimizer, resolve_dtype
+from deepseek.trainer import build_optimizer, describe_precision, resolve_dtype
 from stages.params import load_yaml, parse_params
 
 PROFILE = Path(".ci/profile.yaml")
@@ -123,11 +123,13 @@ def _training_step(
     return step
 
 
-def interleaved_throughput(config: ModelConfig, train: TrainConfig, rounds: int = 30, warmup: int = 3) -> list[float]:
+def interleaved_throughput(
+    config: ModelConfig, train: TrainConfig, dtype: torch.dtype, rounds: int = 30, warmup: int = 3
+) -> list[float]:
     """Our training step's speed over ReferenceLM's, once per round of one step each, alternating which goes first.
 
-    Both see the same batch of train.micro_batch_size x train.seq_len tokens, in the precision train.dtype
-    resolves to on this machine (what the pipeline trains in). Load from other processes
+    Both see the same batch of train.micro_batch_size x train.seq_len tokens, in dtype (what train.dtype
+    resolves to on this machine, the precision the pipeline trains in). Load from other processes
     slows both steps of a round alike, so it cancels in the round's ratio; the median over rounds is robust
     to the rounds it does not.
     """
@@ -135,7 +137,6 @@ def interleaved_throughput(config: ModelConfig, train: TrainConfig, rounds: int 
     ours = DeepSeekLM(config)
     reference = ReferenceLM(vocab=config.vocab_size)
     ids = torch.randint(0, config.vocab_size, (train.micro_batch_size, train.seq_len + 1))
-    dtype = resolve_dtype(train.dtype, CPU)
     our_step = _training_step(ours, build_optimizer(ours, train), ids, dtype)
     reference_step = _training_step(reference, torch.optim.AdamW(reference.parameters(), fused=True), ids, dtype)
     for _ in range(warmup):
@@ -234,9 +235,11 @@ def measure(workdir: Path, params: dict[str, Any], baseline: dict[str, Any] | No
     """The gate's metrics for params: quality from the pipeline, then throughput timed against the reference."""
     result = run_profile(workdir, params, baseline)
     parsed = parse_params(params)
-    precision = str(resolve_dtype(parsed.train.dtype, CPU)).removeprefix("torch.")
-    click.echo(f"timing {rounds} interleaved rounds of our training step and the reference's, in {precision} ...")
-    ratios = interleaved_throughput(parsed.model.config(result["vocab_size"]), parsed.train, rounds)
+    dtype = resolve_dtype(parsed.train.dtype, CPU)
+    click.echo(
+        f"timing {rounds} interleaved rounds of our training step and the reference's, {describe_precision(dtype)} ..."
+    )
+    ratios = interleaved_throughput(parsed.model.config(result["vocab_size"]), parsed.train, dtype, rounds)
     val = result["reports"]["metrics.json"]["val"]
     result["metrics"] = {
         "bits_per_character": val["bits_per_character"],
