@@ -29,8 +29,9 @@ LATENT_NORM_EPS = 1e-6
 class LatentCache:
     """What MLA keeps per generated token: the normalised latent c_KV and the rotated RoPE key.
 
-    One tensor of shape (num_layers, batch, max_len, kv_lora_rank + qk_rope_head_dim), so that the keys
-    of absorbed attention are a view of it, with no copy per step.
+    One tensor of shape (layers, batch, max_len, kv_lora_rank + qk_rope_head_dim), so that the keys of
+    absorbed attention are a view of it, with no copy per step. layers: the model's layers it serves (all
+    the main ones by default; one multi-token prediction module's, numbered after them, for its own cache).
     """
 
     def __init__(
@@ -40,12 +41,15 @@ class LatentCache:
         max_len: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        layers: range | None = None,
     ) -> None:
         if max_len > config.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds max_seq_len ({config.max_seq_len})")
+        layers = layers if layers is not None else range(config.num_layers)
+        self.first_layer = layers.start
         self.kv_lora_rank = config.kv_lora_rank
         self.data = torch.zeros(
-            config.num_layers,
+            len(layers),
             batch_size,
             max_len,
             config.kv_lora_rank + config.qk_rope_head_dim,
@@ -76,13 +80,20 @@ class LatentCache:
         """Forget everything stored; the next forward starts at position 0."""
         self.length = 0
 
+    def truncate(self, length: int) -> None:
+        """Forget the entries from position length on (speculative decoding drops rejected drafts)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+
     def append(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
         """Store this layer's new entries at positions [length, length + seq); return all entries so far."""
         end = self.length + latent.shape[1]
         if end > self.max_len:
             raise ValueError(f"cache is full: {end} tokens do not fit in {self.max_len}")
-        self.data[layer, :, self.length : end] = torch.cat((latent, k_rope), dim=-1).to(self.data.dtype)
-        return self.data[layer, :, :end]
+        slot = layer - self.first_layer
+        self.data[slot, :, self.length : end] = torch.cat((latent, k_rope), dim=-1).to(self.data.dtype)
+        return self.data[slot, :, :end]
 
 
 class MultiHeadLatentAttention(nn.Module):

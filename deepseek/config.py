@@ -49,6 +49,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     dropout: float = 0.0  # training only: on the embeddings and on each block's attention and FFN outputs
+    # Multi-token prediction (DeepSeek-V3 §2.2): modules that predict 2..mtp_depth+1 tokens ahead; 0 = none.
+    mtp_depth: int = 0
 
     def __post_init__(self) -> None:
         self._check_values()
@@ -57,7 +59,7 @@ class ModelConfig:
     def _check_values(self) -> None:
         for name in _POSITIVE_INTEGERS:
             require(_is_integer(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive integer")
-        for name in ("q_lora_rank", "num_shared_experts", "first_k_dense_layers"):
+        for name in ("q_lora_rank", "num_shared_experts", "first_k_dense_layers", "mtp_depth"):
             require(_is_integer(getattr(self, name)) and getattr(self, name) >= 0, name, "must be an integer >= 0")
         for name in ("rope_theta", "rms_norm_eps", "init_std", "routed_scaling_factor"):
             require(_is_number(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive number")
@@ -160,6 +162,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop (with a checkpoint) after this many skipped non-finite steps in a row
     num_workers: int = 0
     compile: bool = False  # torch.compile the training forward
+    # lambda of DeepSeek-V3 eq. 25: loss = main + lambda * mean of the multi-token prediction losses (mtp_depth > 0)
+    mtp_loss_weight: float = 0.3
 
     def __post_init__(self) -> None:
         for name in (
@@ -176,7 +180,7 @@ class TrainConfig:
             "max_nonfinite_steps",
         ):
             require(getattr(self, name) > 0, name, "must be positive")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "num_workers"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "num_workers", "mtp_loss_weight"):
             require(getattr(self, name) >= 0, name, "must be >= 0")
         require(self.min_lr <= self.lr, "min_lr", f"({self.min_lr}) must be <= lr ({self.lr})")
         for name in ("beta1", "beta2"):

@@ -38,6 +38,8 @@ def evaluate(
 
     Bits per character divide the total negative log-likelihood by the characters the predicted tokens
     span (the split's characters, prorated to the tokens scored), so they compare across tokenizers.
+    With multi-token prediction, mtp_accuracy[k - 1] is how often depth k's greedy guess of the token k
+    places further on is right: the acceptance rate a greedy speculative decoder would see.
     """
     check_token_ids(tokens, model.config.vocab_size, "the evaluation tokens")
     device = next(model.parameters()).device
@@ -45,15 +47,21 @@ def evaluate(
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    depths = model.config.mtp_depth
+    mtp_correct = torch.zeros(depths, dtype=torch.long, device=device)
+    mtp_scored = torch.zeros(depths, dtype=torch.long, device=device)
     counts = torch.zeros(len(model.moe_layers()), model.config.num_routed_experts, device=device)
     scored = 0
     batches = evaluation_batches(tokens, seq_len, batch_size, max_batches)
     for inputs, targets in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast(device, dtype):
-            out = model(inputs)
+            out = model(inputs, predict_ahead=depths > 0)
         nll += F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
         correct += (out.logits.argmax(dim=-1) == targets).sum()
+        for k, depth_logits in enumerate(out.mtp_logits, start=1):
+            mtp_correct[k - 1] += (depth_logits.argmax(dim=-1) == targets[:, k:]).sum()
+            mtp_scored[k - 1] += targets[:, k:].numel()
         counts += out.expert_counts
         scored += targets.numel()
     model.train(was_training)
@@ -63,6 +71,7 @@ def evaluate(
         "perplexity": math.exp(loss),
         "accuracy": correct.item() / scored,
         "tokens": scored,
+        "mtp_accuracy": (mtp_correct / mtp_scored.clamp(min=1)).tolist(),
     }
     if characters:
         metrics["bits_per_character"] = nll.item() / math.log(2) / (characters * scored / (len(tokens) - 1))

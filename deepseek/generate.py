@@ -9,35 +9,11 @@ import torch
 
 from deepseek.errors import UserError
 from deepseek.model import DeepSeekLM
+from deepseek.sampling import sample_next
+from deepseek.speculative import Sampling, SpeculativeStats, stream_speculative
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token ids (batch, 1) from last-position logits (batch, vocab). temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float()
-    # Shifted so that the best logit is 0 before dividing: any positive temperature, however small, then gives
-    # finite or -inf logits, never inf - inf = nan.
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the best one always stays.
-        drop = probs.cumsum(dim=-1) - probs > top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
 def generate(
@@ -50,9 +26,13 @@ def generate(
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
     use_cache: bool = True,
+    speculative: bool = False,
+    stats: SpeculativeStats | None = None,
 ) -> torch.Tensor:
     """Continue prompt (batch, seq) by up to max_new_tokens tokens; returns prompt + continuation."""
-    new = stream(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, eos_token_id, use_cache)
+    new = stream(
+        model, prompt, max_new_tokens, temperature, top_k, top_p, generator, eos_token_id, use_cache, speculative, stats
+    )
     return torch.cat((prompt, *new), dim=1)
 
 
@@ -67,12 +47,16 @@ def stream(
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
     use_cache: bool = True,
+    speculative: bool = False,
+    stats: SpeculativeStats | None = None,
 ) -> Iterator[torch.Tensor]:
     """The next token of every sequence in prompt (batch, seq), (batch, 1) at a time, as each is chosen.
 
     With the cache, each step feeds one token. When the context reaches max_seq_len, the cache is
     rebuilt from the most recent half window. use_cache=False recomputes the window every step
     (for benchmarks and checks only). Stops after max_new_tokens, or when every sequence has ended.
+    speculative: the multi-token prediction modules draft and the model verifies (one prompt at a time; same
+    greedy output, same sampling distribution); stats, if given, counts the drafts and acceptances.
     """
     if prompt.numel() == 0:
         raise ValueError("the prompt is empty: give at least one token")
@@ -81,10 +65,17 @@ def stream(
             f"the prompt holds token id {int(prompt.max())}, but the model's vocabulary has "
             f"{model.config.vocab_size} ids: use the tokenizer the model was trained with"
         )
+    if speculative:
+        check_speculative(model, prompt)
     window = model.config.max_seq_len
     was_training = model.training
     model.eval()  # in training mode forward would count these tokens towards expert balancing
     try:
+        if speculative:
+            sampling = Sampling(temperature, top_k, top_p, generator)
+            for token in stream_speculative(model, prompt[0].tolist(), max_new_tokens, sampling, eos_token_id, stats):
+                yield prompt.new_tensor([[token]])
+            return
         tokens = prompt
         cache = model.new_cache(prompt.shape[0], min(window, prompt.shape[1] + max_new_tokens)) if use_cache else None
         logits = model(tokens[:, -window:], cache=cache, last_logits_only=True).logits[:, -1]
@@ -108,6 +99,16 @@ def stream(
                 logits = model(next_token, cache=cache).logits[:, -1]
     finally:
         model.train(was_training)
+
+
+def check_speculative(model: DeepSeekLM, prompt: torch.Tensor) -> None:
+    if model.config.mtp_depth == 0:
+        raise UserError(
+            "speculative decoding drafts with the multi-token prediction modules, and this model has none "
+            "(model.mtp_depth 0): train one with model.mtp_depth 1 or more, or decode without --speculative"
+        )
+    if prompt.shape[0] != 1:
+        raise ValueError(f"speculative decoding takes one prompt at a time, not a batch of {prompt.shape[0]}")
 
 
 def stream_text(

@@ -4,6 +4,11 @@ Our module names follow DeepSeek-V3's reference code; transformers uses its own.
 stacked tensors here and one key per expert there. Our RoPE pairs (x[i], x[i + d/2]), which is
 transformers' `rope_interleave=False`; checkpoints with interleaved pairs (DeepSeek's own) are
 converted on import by permuting the rows that produce the RoPE halves.
+
+Multi-token prediction modules are written as DeepSeek-V3's checkpoint holds them: layers numbered after the
+main ones (`num_nextn_predict_layers` of them), each a decoder layer plus `enorm`, `hnorm`, `eh_proj` and
+`shared_head.norm`, with copies of the shared embedding and head. transformers' DeepseekV3ForCausalLM skips
+them on load; its MTP speculative decoding (`generate(use_mtp=True)`) and serving engines read them.
 """
 
 from __future__ import annotations
@@ -56,6 +61,13 @@ _TOP_RENAMES = {
     "norm.weight": "model.norm.weight",
     "head.weight": "lm_head.weight",
 }
+# Our name -> the checkpoint's, inside a multi-token prediction module (its block takes _LAYER_RENAMES).
+_MTP_RENAMES = {
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "eh_proj.weight": "eh_proj.weight",
+    "head_norm.weight": "shared_head.norm.weight",
+}
 
 
 def to_hf_config(config: ModelConfig, eos_token_id: int | None = None) -> DeepseekV3Config:
@@ -91,7 +103,7 @@ def to_hf_config(config: ModelConfig, eos_token_id: int | None = None) -> Deepse
         norm_topk_prob=True,
         tie_word_embeddings=config.tie_embeddings,
         initializer_range=config.init_std,
-        num_mtp_layers=0,
+        num_mtp_layers=config.mtp_depth,
         architectures=["DeepseekV3ForCausalLM"],
         bos_token_id=None,
         eos_token_id=eos_token_id,
@@ -145,8 +157,15 @@ def to_hf_state_dict(model: DeepSeekLM) -> dict[str, torch.Tensor]:
         if name in _TOP_RENAMES:
             out[_TOP_RENAMES[name]] = tensor
             continue
-        _, layer, rest = name.split(".", 2)
-        prefix = f"model.layers.{layer}."
+        group, index, rest = name.split(".", 2)
+        if group == "mtp":  # module k is layer num_layers + k, its block's weights directly under the layer
+            prefix = f"model.layers.{config.num_layers + int(index)}."
+            if rest in _MTP_RENAMES:
+                out[prefix + _MTP_RENAMES[rest]] = tensor
+                continue
+            rest = rest.removeprefix("block.")
+        else:
+            prefix = f"model.layers.{index}."
         if rest == "ffn.experts.gate_up_proj":
             for e, (gate, up) in enumerate(t.chunk(2) for t in tensor):
                 out[f"{prefix}mlp.experts.{e}.gate_proj.weight"] = gate
@@ -156,6 +175,10 @@ def to_hf_state_dict(model: DeepSeekLM) -> dict[str, torch.Tensor]:
                 out[f"{prefix}mlp.experts.{e}.down_proj.weight"] = down
         else:
             out[prefix + _LAYER_RENAMES[rest]] = tensor
+    for k in range(config.mtp_depth):  # DeepSeek-V3's checkpoint repeats the shared embedding and head per module
+        prefix = f"model.layers.{config.num_layers + k}."
+        out[prefix + "embed_tokens.weight"] = model.embed.weight
+        out[prefix + "shared_head.head.weight"] = model.head.weight
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
@@ -163,31 +186,49 @@ def from_hf_state_dict(
     hf: dict[str, torch.Tensor], config: ModelConfig, rope_interleave: bool
 ) -> dict[str, torch.Tensor]:
     """Inverse of to_hf_state_dict; interleaved RoPE rows are reordered into our layout."""
-    back = {v: k for k, v in _TOP_RENAMES.items()}
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for i in range(config.num_layers):
-        prefix = f"model.layers.{i}."
-        for ours, theirs in _LAYER_RENAMES.items():
-            if prefix + theirs in hf:
-                out[f"layers.{i}.{ours}"] = hf[prefix + theirs]
-        if i >= config.first_k_dense_layers:
-            experts = range(config.num_routed_experts)
-
-            def expert(e: int, proj: str, prefix: str = prefix) -> torch.Tensor:
-                return hf[f"{prefix}mlp.experts.{e}.{proj}.weight"]
-
-            out[f"layers.{i}.ffn.experts.gate_up_proj"] = torch.stack(
-                [torch.cat((expert(e, "gate_proj"), expert(e, "up_proj"))) for e in experts]
-            )
-            out[f"layers.{i}.ffn.experts.down_proj"] = torch.stack([expert(e, "down_proj") for e in experts])
-        if rope_interleave:
-            _deinterleave_rope_rows(out, f"layers.{i}.attn.", config)
-    for theirs, ours in back.items():
+        out |= _block_from_hf(hf, i, f"layers.{i}.", i >= config.first_k_dense_layers, config, rope_interleave)
+    for k in range(config.mtp_depth):
+        layer = config.num_layers + k
+        for ours, theirs in _MTP_RENAMES.items():
+            out[f"mtp.{k}.{ours}"] = hf[f"model.layers.{layer}.{theirs}"]
+        out |= _block_from_hf(hf, layer, f"mtp.{k}.block.", True, config, rope_interleave)
+    for theirs, ours in {v: k for k, v in _TOP_RENAMES.items()}.items():
         if theirs in hf:
             out[ours] = hf[theirs]
     if config.tie_embeddings or "head.weight" not in out:
         out["head.weight"] = out["embed.weight"]
     return out
+
+
+def _block_from_hf(
+    hf: dict[str, torch.Tensor], layer: int, ours: str, is_moe: bool, config: ModelConfig, rope_interleave: bool
+) -> dict[str, torch.Tensor]:
+    """One decoder layer's weights (model.layers.{layer}) under our names, which start with ours."""
+    prefix = f"model.layers.{layer}."
+    out = {ours + name: hf[prefix + theirs] for name, theirs in _LAYER_RENAMES.items() if prefix + theirs in hf}
+    if is_moe:
+        experts = range(config.num_routed_experts)
+
+        def expert(e: int, proj: str) -> torch.Tensor:
+            return hf[f"{prefix}mlp.experts.{e}.{proj}.weight"]
+
+        out[ours + "ffn.experts.gate_up_proj"] = torch.stack(
+            [torch.cat((expert(e, "gate_proj"), expert(e, "up_proj"))) for e in experts]
+        )
+        out[ours + "ffn.experts.down_proj"] = torch.stack([expert(e, "down_proj") for e in experts])
+    if rope_interleave:
+        _deinterleave_rope_rows(out, ours + "attn.", config)
+    return out
+
+
+def mtp_layers_in(hf: dict[str, torch.Tensor], num_layers: int) -> int:
+    """How many multi-token prediction modules a checkpoint holds (a config may announce some it lacks)."""
+    depth = 0
+    while f"model.layers.{num_layers + depth}.eh_proj.weight" in hf:
+        depth += 1
+    return depth
 
 
 def _deinterleave_rope_rows(weights: dict[str, torch.Tensor], prefix: str, config: ModelConfig) -> None:
@@ -250,6 +291,7 @@ def import_hf(path: str | Path) -> DeepSeekLM:
         except (SafetensorError, OSError) as error:
             raise UserError(f"{file} is not a safetensors file ({first_line(error)}): refusing to read it") from None
     block = (hf_config.get("quantization_config") or {}).get("weight_block_size", [FP8_BLOCK, FP8_BLOCK])
+    config = config.replace(mtp_depth=mtp_layers_in(hf_weights, config.num_layers))
     model = DeepSeekLM(config)
     state = from_hf_state_dict(dequantize_fp8(hf_weights, block), config, hf_config.get("rope_interleave", True))
     model.load_state_dict(state, strict=True)

@@ -1,8 +1,9 @@
-"""DeepSeekLM: a decoder of MLA + (dense SwiGLU | DeepSeekMoE) blocks, pre-norm, with an LM head."""
+"""DeepSeekLM: a decoder of MLA + (dense SwiGLU | DeepSeekMoE) blocks, pre-norm, with an LM head, and optionally
+DeepSeek-V3's multi-token prediction modules."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +21,19 @@ class ModelOutput:
     loss: torch.Tensor | None  # cross-entropy + aux_loss, when targets are given
     aux_loss: torch.Tensor  # sequence-wise balance loss, summed over MoE layers (0 unless enabled)
     expert_counts: torch.Tensor  # (num_moe_layers, num_routed_experts) tokens routed in this forward
+    hidden: torch.Tensor  # (batch, seq, hidden) the normed final states the head reads, h^0 of multi-token prediction
+    # Depth k (1-based) at index i predicts token i + k + 1: logits (batch, seq - k, vocab), when the modules ran.
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    mtp_losses: torch.Tensor | None = None  # (mtp_depth,) cross-entropy of each depth, when targets are given
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, is_moe: bool) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = MultiHeadLatentAttention(config, layer)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.is_moe = layer >= config.first_k_dense_layers
+        self.is_moe = is_moe
         self.ffn: MoE | SwiGLU = MoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
         self.dropout = config.dropout
 
@@ -42,10 +47,54 @@ class Block(nn.Module):
         return x + dropout(out, self.dropout, self.training), counts, aux_loss
 
 
+@dataclass
+class DraftOutput:
+    hidden: torch.Tensor  # (batch, new, hidden) h^k at the new indices
+    logits: torch.Tensor  # (batch, vocab) the prediction at the last of them
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in float32 over the targets that are not -100."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Residual dropout (as nanoGPT and the original Transformer); p = 0 leaves x untouched and draws no random
     numbers, so a model without dropout trains exactly as before it existed."""
     return F.dropout(x, p, training) if p > 0 else x
+
+
+class MultiTokenPrediction(nn.Module):
+    """Depth k of multi-token prediction (DeepSeek-V3 §2.2, eqs. 21-22), in the layout of DeepSeek-V3's checkpoint
+    and of transformers' MTP layers:
+
+        h'_i = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)]      M_k = eh_proj; the checkpoint puts the token first
+        h^k_i = head_norm(Block_k(h'_i))                             shared_head.norm in the checkpoint
+        P^k_{i+k+1} = softmax(OutHead(h^k_i))                        the main model's head and embedding, shared
+
+    h^0 is the main model's normed final state, the one its head reads.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = Block(config, layer, is_moe=True)  # DeepSeek-V3's MTP blocks are MoE blocks
+        self.head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        previous: torch.Tensor,
+        embeddings: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """previous: h^{k-1} at indices i; embeddings: Emb(t_{i+k}). Returns h^k, expert counts and aux loss."""
+        x = self.eh_proj(torch.cat((self.enorm(embeddings), self.hnorm(previous)), dim=-1))
+        x, counts, aux_loss = self.block(x, cos, sin, cache)
+        return self.head_norm(x), counts, aux_loss
 
 
 class DeepSeekLM(nn.Module):
@@ -53,11 +102,19 @@ class DeepSeekLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            Block(config, i, is_moe=i >= config.first_k_dense_layers) for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        # Registered last and built under a forked RNG (reset_parameters overwrites their default initialisation),
+        # so that the main model draws the same random weights with or without them.
+        with torch.random.fork_rng(devices=[]):
+            self.mtp = nn.ModuleList(
+                MultiTokenPrediction(config, config.num_layers + k) for k in range(config.mtp_depth)
+            )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -72,7 +129,8 @@ class DeepSeekLM(nn.Module):
             moe.gate.expert_bias.zero_()
 
     def moe_layers(self) -> list[MoE]:
-        return [module for module in self.layers.modules() if isinstance(module, MoE)]
+        """The main model's MoE layers, then those of the multi-token prediction modules."""
+        return [module for module in self.modules() if isinstance(module, MoE)]
 
     def forward(
         self,
@@ -80,17 +138,20 @@ class DeepSeekLM(nn.Module):
         targets: torch.Tensor | None = None,
         cache: LatentCache | None = None,
         last_logits_only: bool = False,
+        predict_ahead: bool = False,
     ) -> ModelOutput:
         """input_ids: (batch, seq). With a cache, input_ids continue the sequence the cache holds.
 
-        last_logits_only skips the LM head for all but the last position (what generation needs).
+        last_logits_only skips the LM head for all but the last position (what generation needs). The
+        multi-token prediction modules run over the whole sequence when targets are given (their losses train
+        them) or when predict_ahead asks for their logits; speculative decoding drives them with draft().
         """
         start = cache.length if cache is not None else 0
         end = start + input_ids.shape[1]
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds max_seq_len ({self.config.max_seq_len})")
         cos, sin = rope_tables(self.config.qk_rope_head_dim, start, end, self.config.rope_theta, input_ids.device)
-        x = dropout(self.embed(input_ids), self.config.dropout, self.training)
+        x = embeddings = dropout(self.embed(input_ids), self.config.dropout, self.training)
         all_counts, aux_loss = [], x.new_zeros((), dtype=torch.float32)
         for block in self.layers:
             x, counts, layer_aux = block(x, cos, sin, cache)
@@ -101,16 +162,54 @@ class DeepSeekLM(nn.Module):
             cache.advance(input_ids.shape[1])
         if last_logits_only:
             x = x[:, -1:]
-        logits = self.head(self.norm(x))
-        loss = None
+        hidden = self.norm(x)
+        logits = self.head(hidden)
+        mtp_logits: list[torch.Tensor] = []
+        if self.mtp and cache is None and not last_logits_only and (targets is not None or predict_ahead):
+            mtp_logits, mtp_counts, mtp_aux = self._predict_ahead(hidden, embeddings, cos, sin)
+            all_counts += mtp_counts
+            aux_loss = aux_loss + mtp_aux
+        loss = mtp_losses = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100) + aux_loss
-        expert_counts = (
-            torch.stack(all_counts)
-            if all_counts
-            else x.new_zeros((0, self.config.num_routed_experts), dtype=torch.float32)
+            loss = cross_entropy(logits, targets) + aux_loss
+            mtp_losses = (
+                torch.stack(
+                    [cross_entropy(depth_logits, targets[:, k:]) for k, depth_logits in enumerate(mtp_logits, start=1)]
+                )
+                if mtp_logits
+                else logits.new_zeros(0)
+            )
+        # A row per MoE layer; the modules that did not run (multi-token prediction, at times) routed nothing.
+        missing = len(self.moe_layers()) - len(all_counts)
+        rows = [*all_counts, *x.new_zeros((missing, self.config.num_routed_experts), dtype=torch.float32)]
+        counts = torch.stack(rows) if rows else x.new_zeros((0, self.config.num_routed_experts), dtype=torch.float32)
+        return ModelOutput(logits, loss, aux_loss, counts, hidden, mtp_logits, mtp_losses)
+
+    def _predict_ahead(
+        self, hidden: torch.Tensor, embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Every depth over the whole sequence. Depth k reads h^{k-1} at indices 0..seq-k-1 and the tokens at
+        positions k..seq-1 (their RoPE rows too, as in DeepSeek-V3 and transformers); returns each depth's
+        logits, its modules' expert counts and their auxiliary loss."""
+        all_logits, all_counts, aux_loss = [], [], hidden.new_zeros((), dtype=torch.float32)
+        for k, module in enumerate(self.mtp, start=1):
+            hidden, counts, layer_aux = module(hidden[:, :-1], embeddings[:, k:], cos[k:], sin[k:], None)
+            all_logits.append(self.head(hidden))
+            all_counts.append(counts)
+            aux_loss = aux_loss + layer_aux
+        return all_logits, all_counts, aux_loss
+
+    def draft(self, depth: int, previous: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache) -> DraftOutput:
+        """Multi-token prediction depth (1-based) over new indices, continuing its own cache (speculative
+        decoding): previous is h^{depth-1} at indices cache.length.., next_ids the tokens depth positions later.
+        Returns h^depth and the logits at the last index."""
+        start, new = cache.length + depth, next_ids.shape[1]
+        cos, sin = rope_tables(
+            self.config.qk_rope_head_dim, start, start + new, self.config.rope_theta, next_ids.device
         )
-        return ModelOutput(logits, loss, aux_loss, expert_counts)
+        hidden, _, _ = self.mtp[depth - 1](previous, self.embed(next_ids), cos, sin, cache)
+        cache.advance(new)
+        return DraftOutput(hidden, self.head(hidden[:, -1]))
 
     @torch.no_grad()
     def update_expert_bias(self, loads: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,9 +238,13 @@ class DeepSeekLM(nn.Module):
             moe.pending_load.zero_()
         return loads
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> LatentCache:
-        param = self.embed.weight
-        return LatentCache(self.config, batch_size, max_len or self.config.max_seq_len, param.device, param.dtype)
+    def new_cache(self, batch_size: int, max_len: int | None = None, depth: int = 0) -> LatentCache:
+        """A latent cache for the main model (depth 0) or for multi-token prediction depth k."""
+        param, layers = self.embed.weight, range(self.config.num_layers)
+        if depth:
+            layers = range(self.config.num_layers + depth - 1, self.config.num_layers + depth)
+        max_len = max_len or self.config.max_seq_len
+        return LatentCache(self.config, batch_size, max_len, param.device, param.dtype, layers)
 
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters, and those active for one token (shared experts plus top-k routed ones).

@@ -38,7 +38,7 @@ from deepseek.errors import UserError
 from deepseek.evaluation import autocast, evaluate
 from deepseek.files import write_text
 from deepseek.generate import generate
-from deepseek.model import DeepSeekLM
+from deepseek.model import DeepSeekLM, ModelOutput
 
 
 class MetricsSink(Protocol):
@@ -121,33 +121,43 @@ class ThroughputClock:
 class Window:
     """Running sums over the current logging window; they stay on the device, so steps never wait for the host."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, mtp_depth: int) -> None:
         self.loss_sum = torch.zeros((), device=device)
+        self.mtp_loss_sum = torch.zeros(mtp_depth, device=device)  # per multi-token prediction depth
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.scored = 0  # tokens
 
-    def state_dict(self) -> dict[str, float | int]:
+    def state_dict(self) -> dict[str, Any]:
         """The sums over every rank (a collective: all ranks call it); scored counts one rank's tokens."""
         loss_sum = distributed.sum_across_ranks(self.loss_sum.clone())
+        mtp_loss_sum = distributed.sum_across_ranks(self.mtp_loss_sum.clone())
         correct = distributed.sum_across_ranks(self.correct.clone())
-        return {"loss_sum": loss_sum.item(), "correct": correct.item(), "scored": self.scored}
+        return {
+            "loss_sum": loss_sum.item(),
+            "mtp_loss_sum": mtp_loss_sum.tolist(),
+            "correct": correct.item(),
+            "scored": self.scored,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Rank 0 takes the sums of all ranks and the others start from zero, so that their sum is right."""
         share = 1 if distributed.is_main() else 0
         self.loss_sum.fill_(state["loss_sum"] * share)
+        self.mtp_loss_sum.copy_(torch.tensor(state["mtp_loss_sum"]) * share)
         self.correct.fill_(state["correct"] * share)
         self.scored = state["scored"]
 
     def reset(self) -> None:
         self.loss_sum.zero_()
+        self.mtp_loss_sum.zero_()
         self.correct.zero_()
         self.scored = 0
 
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # summed over the step's micro-batches, on the device
+    loss: torch.Tensor  # the main model's, summed over the step's micro-batches, on the device
+    mtp_losses: torch.Tensor  # (mtp_depth,) each multi-token prediction depth's, summed likewise
     correct: torch.Tensor  # next-token predictions that were right, over the step's micro-batches
     grad_norm: torch.Tensor  # before clipping
     lr: float
@@ -204,7 +214,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(config))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.window = Window(self.device)
+        self.window = Window(self.device, model.config.mtp_depth)
         self.history = History()
         self.clock = ThroughputClock()
         self.step = 0  # optimizer steps done
@@ -311,6 +321,7 @@ class Trainer:
         update the weights and the balancing biases, unless the loss or a gradient is not finite on any rank."""
         c = self.config
         step_loss = torch.zeros((), device=self.device)
+        step_mtp_losses = torch.zeros(self.model.config.mtp_depth, device=self.device)
         step_correct = torch.zeros((), dtype=torch.long, device=self.device)
         # One autocast context over the whole step: autocast keeps its bf16 copy of each weight until its outermost
         # context exits, so the weights are cast once per optimizer step, not once per micro-batch.
@@ -322,9 +333,11 @@ class Trainer:
                 no_sync = nullcontext() if sync else cast(DistributedDataParallel, self.step_model).no_sync()
                 with no_sync:
                     out = self.step_model(inputs, targets)
+                    loss = training_loss(out, c.mtp_loss_weight)
                     with torch.autocast(self.device.type, enabled=False):  # backward in the forward's dtypes
-                        self.scaler.scale(out.loss / c.grad_accum_steps).backward()
-                step_loss += out.loss.detach()
+                        self.scaler.scale(loss / c.grad_accum_steps).backward()
+                step_loss += cast(torch.Tensor, out.loss).detach()
+                step_mtp_losses += cast(torch.Tensor, out.mtp_losses).detach()
                 step_correct += (out.logits.detach().argmax(dim=-1) == targets).sum()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip or float("inf"))
@@ -338,13 +351,14 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # a skipped step still counts towards max_steps and the schedule
-        return StepResult(step_loss, step_correct, grad_norm, lr, loads, applied)
+        return StepResult(step_loss, step_mtp_losses, step_correct, grad_norm, lr, loads, applied)
 
     def _account(self, result: StepResult) -> None:
         self.clock.add(self.config.tokens_per_step)
         if result.applied:
             self.nonfinite_streak = 0
             self.window.loss_sum += result.loss
+            self.window.mtp_loss_sum += result.mtp_losses
             self.window.correct += result.correct
             self.window.scored += self.config.tokens_per_step
         else:
@@ -389,11 +403,13 @@ class Trainer:
         """The logging window's mean loss and accuracy (over the whole global batch), and this step's details."""
         window = self.window
         distributed.sum_across_ranks(window.loss_sum)
+        distributed.sum_across_ranks(window.mtp_loss_sum)
         distributed.sum_across_ranks(window.correct)
         scored = window.scored * distributed.world_size()
         sequences = scored // (self.config.micro_batch_size * self.config.seq_len)
         metrics = {
             "loss": window.loss_sum.item() / sequences,
+            **{f"mtp_loss_{k}": total / sequences for k, total in enumerate(window.mtp_loss_sum.tolist(), start=1)},
             "accuracy": window.correct.item() / scored,
             "lr": result.lr,
             "grad_norm": result.grad_norm.item(),
@@ -465,6 +481,12 @@ class Trainer:
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
+
+
+def training_loss(out: ModelOutput, mtp_loss_weight: float) -> torch.Tensor:
+    """DeepSeek-V3 eq. 25: the main loss plus lambda / D times the sum of the D multi-token prediction losses."""
+    loss, mtp_losses = cast(torch.Tensor, out.loss), cast(torch.Tensor, out.mtp_losses)
+    return loss + mtp_loss_weight * mtp_losses.mean() if len(mtp_losses) else loss
 
 
 def global_expert_loads(model: DeepSeekLM) -> torch.Tensor:

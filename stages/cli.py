@@ -11,6 +11,7 @@ import torch
 from deepseek.checkpoint import TOKENIZER
 from deepseek.errors import UserError
 from deepseek.generate import stream_text
+from deepseek.speculative import SpeculativeStats
 from stages.data import utf8_text
 from stages.evaluate import evaluate
 from stages.options import model_option, report_user_errors
@@ -58,6 +59,12 @@ for stage in (prepare, tokenize, train, evaluate, sample):
 @click.option("--top-k", default=50, show_default=True, type=click.IntRange(min=0), help="0 = no top-k cut.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=1337, show_default=True, type=int)
+@click.option(
+    "--speculative",
+    is_flag=True,
+    help="Draft tokens with the model's multi-token prediction modules and verify them in one step: the same "
+    "greedy output, the same sampling distribution, faster when drafts are accepted (needs model.mtp_depth >= 1).",
+)
 @report_user_errors
 def generate(
     prompt: str | None,
@@ -68,6 +75,7 @@ def generate(
     top_k: int,
     top_p: float,
     seed: int,
+    speculative: bool,
 ) -> None:
     """Continue PROMPT with a trained model, printing the text as it is generated (with the latent KV cache).
 
@@ -80,13 +88,16 @@ def generate(
             f"--max-new-tokens {max_new_tokens} is more than the model's context of "
             f"{model.config.max_seq_len} tokens: ask for at most {model.config.max_seq_len}"
         )
-    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "speculative": speculative}
+    stats = SpeculativeStats()
     for piece in stream_text(
-        model, tokenizer, text, max_new_tokens, generator=torch.Generator().manual_seed(seed), **sampling
+        model, tokenizer, text, max_new_tokens, generator=torch.Generator().manual_seed(seed), stats=stats, **sampling
     ):
         click.echo(piece, nl=False)
         sys.stdout.flush()
     click.echo()
+    if speculative:
+        click.echo(stats.summary(), err=True)
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:

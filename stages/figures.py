@@ -30,6 +30,10 @@ def loss_curves(
     """Training loss, the sampled validation loss of training, and the whole-split one of evaluate, by step."""
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train (logging window)")
+    depths = sorted(key for key in (train_rows[0] if train_rows else {}) if key.startswith("mtp_loss_"))
+    for key in depths:  # multi-token prediction: depth k predicts the token k + 1 places on
+        depth = key.removeprefix("mtp_loss_")
+        ax.plot([r["step"] for r in train_rows], [r[key] for r in train_rows], "--", label=f"train, MTP depth {depth}")
     ax.plot(
         [r["step"] for r in val_rows],
         [r["val_loss_sampled"] for r in val_rows],

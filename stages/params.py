@@ -78,8 +78,10 @@ class SampleParams:
     top_k: int = 50  # 0 = no top-k cut
     top_p: float = 0.95  # 1.0 = no nucleus cut
     seed: int = 1337
+    speculative: bool = False  # draft with the multi-token prediction modules (model.mtp_depth >= 1)
 
     def __post_init__(self) -> None:
+        require(isinstance(self.speculative, bool), "speculative", "must be true or false")
         require(len(self.prompts) > 0, "prompts", "must hold at least one prompt")
         require(all(self.prompts), "prompts", "must not contain an empty prompt")
         require(self.max_new_tokens > 0, "max_new_tokens", "must be positive")
@@ -156,6 +158,16 @@ def parse_params(values: dict[str, Any]) -> Params:
         raise UserError(
             f"params train.seq_len ({params.train.seq_len}) exceeds the model's max_seq_len "
             f"({model.max_seq_len}); lower train.seq_len or raise model.max_seq_len"
+        )
+    if model.mtp_depth >= params.train.seq_len:
+        raise UserError(
+            f"params model.mtp_depth ({model.mtp_depth}) must be below train.seq_len ({params.train.seq_len}): "
+            "depth k predicts k + 1 tokens ahead inside each training sequence"
+        )
+    if params.sample.speculative and not model.mtp_depth:
+        raise UserError(
+            "params sample.speculative is true, but model.mtp_depth is 0: speculative decoding drafts with the "
+            "multi-token prediction modules; set model.mtp_depth to 1 or more, or sample.speculative to false"
         )
     return params
 

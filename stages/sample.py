@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
 
 from deepseek.files import write_json, write_text
 from deepseek.generate import generate_text
+from deepseek.speculative import SpeculativeStats
 from stages import tracking
 from stages.options import params_option, report_user_errors
 from stages.params import load_params
@@ -31,8 +33,9 @@ def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
     params = load_params(params_path).sample
     model, tokenizer = load_trained(model_dir)
     generator = torch.Generator().manual_seed(params.seed)
-    samples = []
+    samples: list[dict[str, Any]] = []
     for prompt in params.prompts:
+        stats = SpeculativeStats()
         text = generate_text(
             model,
             tokenizer,
@@ -42,9 +45,13 @@ def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
             top_k=params.top_k,
             top_p=params.top_p,
             generator=generator,
+            speculative=params.speculative,
+            stats=stats,
         )
         samples.append({"prompt": prompt, "text": text})
-        click.echo(f"--- {prompt}\n{samples[-1]['text']}\n")
+        if params.speculative:
+            samples[-1]["draft_acceptance"] = stats.acceptance
+        click.echo(f"--- {prompt}\n{samples[-1]['text']}\n" + (f"({stats.summary()})\n" if params.speculative else ""))
     settings = {k: v for k, v in vars(params).items() if k != "prompts"}
     write_json(reports_dir / "samples.json", {"settings": settings, "samples": samples})
     write_text(reports_dir / "samples.md", _markdown(samples, settings))
@@ -58,6 +65,8 @@ def _markdown(samples: list[dict], settings: dict) -> str:
     lines = ["# Samples", "", "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), ""]
     for item in samples:
         lines += [f"## {item['prompt']}", "", "```text", item["text"], "```", ""]
+        if "draft_acceptance" in item:
+            lines += [f"Drafts accepted: {100 * item['draft_acceptance']:.1f}%", ""]
     return "\n".join(lines)
 
 

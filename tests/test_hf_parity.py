@@ -188,3 +188,30 @@ def test_fp8_weights_without_scales_are_refused(exported):
     save_file(weights, exported / "model.safetensors")
     with pytest.raises(UserError, match=f"{name} is fp8 but the checkpoint has no {name}_scale_inv"):
         import_hf(exported)
+
+
+def test_mtp_modules_export_as_deepseek_v3_layers_that_transformers_runs_alike(tmp_path):
+    """transformers' DeepseekV3 skips the modules (logits unchanged); its own MTP layers, loaded from the same
+    export, give our multi-token prediction logits; import restores every weight."""
+    from transformers.modeling_layers import MtpModel
+
+    config = ModelConfig.from_preset("tiny", mtp_depth=2, first_k_dense_layers=1, num_layers=3)
+    ours = randomized(DeepSeekLM(config)).eval()
+    export_hf(ours, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 2
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    # transformers finds MTP weights by DeepSeek-V3's layer number (61); ours come after 3 layers.
+    theirs._keys_to_ignore_on_load_unexpected = [r"model\.layers\.3\.", r"model\.layers\.4\."]
+    mtp = MtpModel.from_pretrained(theirs).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 32))
+    with torch.no_grad():
+        out = ours(ids, predict_ahead=True)
+        hidden = theirs(ids, output_hidden_states=True).hidden_states[-1]
+        assert (out.logits - theirs(ids).logits).abs().max().item() <= 1e-4
+        for k in range(2):  # depth k + 1 reads the tokens (and positions) k + 1 on
+            positions = torch.arange(k + 1, ids.shape[1]).expand(2, -1)
+            hidden = mtp.forward_layer(k, hidden[:, :-1], positions, None, input_ids=ids[:, k + 1 :])
+            assert (mtp._project_to_logits(hidden) - out.mtp_logits[k]).abs().max().item() <= 1e-4
+    back = import_hf(tmp_path / "hf")
+    assert back.config == config
+    assert all(torch.equal(back.state_dict()[name], tensor) for name, tensor in ours.state_dict().items())
