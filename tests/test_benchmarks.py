@@ -7,7 +7,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline_utils import ROOT
+from deepseek.checkpoint import save_model
+from deepseek.config import ModelConfig
+from deepseek.model import DeepSeekLM
+from stages.params import TokenizerParams
+from stages.tokenizer import build_tokenizer
+
+from conftest import randomized
+from pipeline_utils import ROOT, tiny_corpus
 
 
 @pytest.fixture
@@ -120,3 +127,27 @@ def test_memory_reports_training_and_generation(run):
             assert result[f"{implementation} at rest MiB"] > 0 and result[f"{implementation} peak MiB"] > 0
             # the allocator may serve a tiny model's call from memory it already holds: no increase is possible
             assert result[f"{implementation} increase MiB"] >= 0
+
+
+def test_speculative_reports_verify_costs_on_a_preset(run):
+    from benchmarks.speculative import COST_COLUMNS
+
+    tables, data = run("speculative", "--preset", "tiny", "--mtp-depth", "2", "--contexts", "8,16", "--repeats", "1")
+    [[header, *rows]] = tables
+    assert header == COST_COLUMNS and [row[0] for row in rows] == ["8", "16"]
+    for result in data["step costs"]:
+        assert result["D"] == 2 and result["plain step ms"] > 0 and result["ratio"] > 0
+
+
+def test_speculative_decodes_a_trained_model_three_ways(run, tmp_path):
+    from benchmarks.common import THEIRS
+    from benchmarks.speculative import COLUMNS, PLAIN, SPECULATIVE
+
+    build_tokenizer(TokenizerParams(kind="bpe", vocab_size=300), tiny_corpus()).save_pretrained(tmp_path / "tok")
+    model = randomized(DeepSeekLM(ModelConfig.from_preset("tiny", vocab_size=300, mtp_depth=1)))
+    save_model(model, tmp_path / "model", tmp_path / "tok")
+    tables, data = run("speculative", "--model-dir", str(tmp_path / "model"), "--new-tokens", "6", "--repeats", "1")
+    [[header, *rows]] = tables
+    assert header == COLUMNS and [row[0] for row in rows] == [PLAIN, SPECULATIVE, THEIRS]
+    speculative = data["decoding"][1]
+    assert speculative["same tokens as plain"] == "yes" and speculative["tok/s"] > 0

@@ -42,6 +42,7 @@ BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes; the tiny p
     "train_throughput": "--preset tiny --batch-size 2 --seq-len 16 --steps 1 --warmup 0",
     "generation": "--preset tiny --contexts 8,32 --new-tokens 4 --no-cache-max-context 8 --repeats 1",
     "memory": "--preset tiny --batch-size 2 --seq-len 16 --context 16 --new-tokens 4",
+    "speculative": "--preset tiny --contexts 8,16 --new-tokens 4 --repeats 1",
 }
 
 
