@@ -32,7 +32,7 @@ from deepseek.config import ModelConfig, TrainConfig
 from deepseek.evaluation import autocast
 from deepseek.files import write_json
 from deepseek.model import DeepSeekLM
-from deepseek.trainer import build_optimizer, describe_precision, resolve_dtype
+from deepseek.trainer import build_optimizer, describe_precision, resolve_dtype, training_loss
 from stages.params import load_yaml, parse_params
 
 PROFILE = Path(".ci/profile.yaml")
@@ -102,15 +102,15 @@ class ReferenceLM(nn.Module):
 
 
 def _training_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, dtype: torch.dtype
+    model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, dtype: torch.dtype, mtp_loss_weight: float
 ) -> Callable[[], None]:
     """One optimizer step on ids in the trainer's precision: forward, backward, clipping, update (and, for ours,
-    the balancing update)."""
+    the multi-token prediction loss and the balancing update, as the trainer does)."""
 
     def step() -> None:
         with autocast(CPU, dtype):
             if isinstance(model, DeepSeekLM):
-                loss = model(ids[:, :-1], ids[:, 1:]).loss
+                loss = training_loss(model(ids[:, :-1], ids[:, 1:]), mtp_loss_weight)
             else:
                 loss = nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
@@ -137,8 +137,9 @@ def interleaved_throughput(
     ours = DeepSeekLM(config)
     reference = ReferenceLM(vocab=config.vocab_size)
     ids = torch.randint(0, config.vocab_size, (train.micro_batch_size, train.seq_len + 1))
-    our_step = _training_step(ours, build_optimizer(ours, train), ids, dtype)
-    reference_step = _training_step(reference, torch.optim.AdamW(reference.parameters(), fused=True), ids, dtype)
+    our_step = _training_step(ours, build_optimizer(ours, train), ids, dtype, train.mtp_loss_weight)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), fused=True)
+    reference_step = _training_step(reference, reference_optimizer, ids, dtype, mtp_loss_weight=0.0)
     for _ in range(warmup):
         our_step()
         reference_step()

@@ -38,8 +38,9 @@ def evaluate(
 
     Bits per character divide the total negative log-likelihood by the characters the predicted tokens
     span (the split's characters, prorated to the tokens scored), so they compare across tokenizers.
-    With multi-token prediction, mtp_accuracy[k - 1] is how often depth k's greedy guess of the token k
-    places further on is right: the acceptance rate a greedy speculative decoder would see.
+    With multi-token prediction, mtp_accuracy[k - 1] is how often depth k's greedy guess of the token k places
+    further on is right, and mtp_acceptance[k - 1] how often it is the main model's own greedy choice for that
+    token: the rate at which a greedy speculative decoder accepts depth k's drafts on this text.
     """
     check_token_ids(tokens, model.config.vocab_size, "the evaluation tokens")
     device = next(model.parameters()).device
@@ -50,6 +51,7 @@ def evaluate(
     depths = model.config.mtp_depth
     mtp_correct = torch.zeros(depths, dtype=torch.long, device=device)
     mtp_scored = torch.zeros(depths, dtype=torch.long, device=device)
+    mtp_agreed = torch.zeros(depths, dtype=torch.long, device=device)
     counts = torch.zeros(len(model.moe_layers()), model.config.num_routed_experts, device=device)
     scored = 0
     batches = evaluation_batches(tokens, seq_len, batch_size, max_batches)
@@ -59,8 +61,11 @@ def evaluate(
             out = model(inputs, predict_ahead=depths > 0)
         nll += F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
         correct += (out.logits.argmax(dim=-1) == targets).sum()
-        for k, depth_logits in enumerate(out.mtp_logits, start=1):
-            mtp_correct[k - 1] += (depth_logits.argmax(dim=-1) == targets[:, k:]).sum()
+        choices = out.logits.argmax(dim=-1)  # the main model's prediction of token i + 1 at index i
+        for k, depth_logits in enumerate(out.mtp_logits, start=1):  # depth k's of token i + k + 1
+            drafts = depth_logits.argmax(dim=-1)
+            mtp_correct[k - 1] += (drafts == targets[:, k:]).sum()
+            mtp_agreed[k - 1] += (drafts == choices[:, k:]).sum()
             mtp_scored[k - 1] += targets[:, k:].numel()
         counts += out.expert_counts
         scored += targets.numel()
@@ -72,6 +77,7 @@ def evaluate(
         "accuracy": correct.item() / scored,
         "tokens": scored,
         "mtp_accuracy": (mtp_correct / mtp_scored.clamp(min=1)).tolist(),
+        "mtp_acceptance": (mtp_agreed / mtp_scored.clamp(min=1)).tolist(),
     }
     if characters:
         metrics["bits_per_character"] = nll.item() / math.log(2) / (characters * scored / (len(tokens) - 1))

@@ -115,6 +115,7 @@ class DeepSeekLM(nn.Module):
             self.mtp = nn.ModuleList(
                 MultiTokenPrediction(config, config.num_layers + k) for k in range(config.mtp_depth)
             )
+        self.num_moe_layers = len(self.moe_layers())  # counted once: forward needs it, and walking modules is slow
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -180,7 +181,7 @@ class DeepSeekLM(nn.Module):
                 else logits.new_zeros(0)
             )
         # A row per MoE layer; the modules that did not run (multi-token prediction, at times) routed nothing.
-        missing = len(self.moe_layers()) - len(all_counts)
+        missing = self.num_moe_layers - len(all_counts)
         rows = [*all_counts, *x.new_zeros((missing, self.config.num_routed_experts), dtype=torch.float32)]
         counts = torch.stack(rows) if rows else x.new_zeros((0, self.config.num_routed_experts), dtype=torch.float32)
         return ModelOutput(logits, loss, aux_loss, counts, hidden, mtp_logits, mtp_losses)

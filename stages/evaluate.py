@@ -49,6 +49,7 @@ def evaluate(params_path: str, model_dir: Path, tokens_dir: Path, reports_dir: P
         "val": {key: val[key] for key in ("bits_per_character", "loss", "perplexity", "accuracy")}
         | {"max_vio": balance["max_vio_global"]}
         | {f"mtp_accuracy_{k}": accuracy for k, accuracy in enumerate(val["mtp_accuracy"], start=1)}
+        | {f"mtp_acceptance_{k}": rate for k, rate in enumerate(val["mtp_acceptance"], start=1)}
     }
     write_json(reports_dir / "metrics.json", metrics)
 
@@ -74,7 +75,10 @@ def evaluate(params_path: str, model_dir: Path, tokens_dir: Path, reports_dir: P
         f"val: loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
         f"bits/char {val['bits_per_character']:.4f} | accuracy {val['accuracy']:.4f} | "
         f"MaxVio {balance['max_vio_global']:.3f}"
-        + "".join(f" | MTP depth {k} accuracy {a:.3f}" for k, a in enumerate(val["mtp_accuracy"], start=1))
+        + "".join(
+            f" | MTP depth {k}: accuracy {accuracy:.3f}, greedy acceptance {rate:.3f}"
+            for k, (accuracy, rate) in enumerate(zip(val["mtp_accuracy"], val["mtp_acceptance"], strict=True), start=1)
+        )
     )
 
 

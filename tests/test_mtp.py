@@ -111,7 +111,7 @@ def test_mtp_moe_layers_count_loads_and_get_bias_updates(tmp_path):
     assert "mtp_loss_1" in (tmp_path / "reports" / "train_log.csv").read_text().splitlines()[0]
 
 
-def test_evaluation_reports_each_depth_accuracy():
+def test_evaluation_reports_each_depth_accuracy_and_greedy_acceptance():
     model = mtp_model(2).eval()
     tokens = torch.randint(0, 65, (12 * 16 + 1,)).numpy()  # twelve whole windows of 16
     metrics = evaluate(model, tokens, seq_len=16, batch_size=4)
@@ -119,10 +119,14 @@ def test_evaluation_reports_each_depth_accuracy():
     targets = torch.as_tensor(tokens[1:][: 12 * 16]).view(12, 16)
     with torch.no_grad():
         out = model(inputs, predict_ahead=True)
-    expected = [
-        (logits.argmax(-1) == targets[:, k:]).float().mean().item() for k, logits in enumerate(out.mtp_logits, 1)
-    ]
-    assert metrics["mtp_accuracy"] == pytest.approx(expected)
+        # what the main model itself predicts for token i + 1, one prefix at a time
+        main_choice = torch.stack([model(inputs[:, : i + 1]).logits[:, -1].argmax(-1) for i in range(16)], dim=1)
+    drafts = [logits.argmax(-1) for logits in out.mtp_logits]  # depth k's guess of token i + k + 1 at index i
+    accuracy = [(d == targets[:, k:]).float().mean().item() for k, d in enumerate(drafts, 1)]
+    acceptance = [(d == main_choice[:, k:]).float().mean().item() for k, d in enumerate(drafts, 1)]
+    assert metrics["mtp_accuracy"] == pytest.approx(accuracy)
+    assert metrics["mtp_acceptance"] == pytest.approx(acceptance)
+    assert accuracy != acceptance
 
 
 @pytest.mark.parametrize("depth", [1, 2])
