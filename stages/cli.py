@@ -63,7 +63,8 @@ for stage in (prepare, tokenize, train, evaluate, sample):
     "--speculative",
     is_flag=True,
     help="Draft tokens with the model's multi-token prediction modules and verify them in one step: the same "
-    "greedy output, the same sampling distribution, faster when drafts are accepted (needs model.mtp_depth >= 1).",
+    "greedy output and sampling distribution in fewer model steps (needs model.mtp_depth >= 1). The drafts' "
+    "acceptance goes to stderr.",
 )
 @report_user_errors
 def generate(
