@@ -161,6 +161,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 5  # stop (with a checkpoint) after this many skipped non-finite steps in a row
     num_workers: int = 0
+    # CPU threads: 0 = the machine's cores divided among the trainings running on it at once, rechecked as they
+    # start and end (deepseek.cpu.CoreShare); N = exactly N
+    threads: int = 0
     compile: bool = False  # torch.compile the training forward
     # lambda of DeepSeek-V3 eq. 25: loss = main + lambda * mean of the multi-token prediction losses (mtp_depth > 0)
     mtp_loss_weight: float = 0.3
@@ -180,7 +183,16 @@ class TrainConfig:
             "max_nonfinite_steps",
         ):
             require(getattr(self, name) > 0, name, "must be positive")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "num_workers", "mtp_loss_weight"):
+        for name in (
+            "lr",
+            "min_lr",
+            "weight_decay",
+            "grad_clip",
+            "warmup_steps",
+            "num_workers",
+            "mtp_loss_weight",
+            "threads",
+        ):
             require(getattr(self, name) >= 0, name, "must be >= 0")
         require(self.min_lr <= self.lr, "min_lr", f"({self.min_lr}) must be <= lr ({self.lr})")
         for name in ("beta1", "beta2"):
@@ -198,7 +210,7 @@ class TrainConfig:
 
     def optimisation(self) -> dict[str, Any]:
         """The fields that change the trained weights, for resuming: not when to log, evaluate, sample or
-        checkpoint, nor how many loader workers or non-finite steps in a row to bear."""
+        checkpoint, nor how many loader workers, threads or non-finite steps in a row to bear."""
         bookkeeping = {
             "log_interval",
             "eval_interval",
@@ -208,6 +220,7 @@ class TrainConfig:
             "keep_checkpoints",
             "max_nonfinite_steps",
             "num_workers",
+            "threads",
         }
         return {key: value for key, value in dataclasses.asdict(self).items() if key not in bookkeeping}
 

@@ -33,7 +33,7 @@ from deepseek.balance import max_violation
 from deepseek.batches import check_token_ids, training_batches
 from deepseek.checkpoint import ResumePoint, checkpoint_path, save_checkpoint
 from deepseek.config import TrainConfig
-from deepseek.cpu import fast_bf16, keep_freed_memory
+from deepseek.cpu import CoreShare, fast_bf16, keep_freed_memory
 from deepseek.errors import UserError
 from deepseek.evaluation import autocast, evaluate
 from deepseek.files import write_text
@@ -209,6 +209,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         else:
             keep_freed_memory()
+        # On CPU, train.threads 0 shares the cores with the other trainings running at once.
+        self.core_share = CoreShare() if self.device.type == "cpu" and config.threads == 0 else None
         self.model = model.to(self.device).train()
         self.step_model = self._wrap(self.model)
         self.optimizer = build_optimizer(self.model, config)
@@ -306,12 +308,17 @@ class Trainer:
         if self._resumed_from is not None:
             self._say(f"resuming from {self._resumed_from} at step {self.step}")
         self.clock = ThroughputClock()
-        with stop_requests() as stop:
-            for _ in progress:
-                result = self.train_step(batches)
-                self.step += 1
-                self._account(result)
-                self._after_step(result, val_tokens, stop, progress)
+        threads = torch.get_num_threads()
+        try:
+            with stop_requests() as stop, self.core_share or nullcontext():
+                self._size_thread_pool()
+                for _ in progress:
+                    result = self.train_step(batches)
+                    self.step += 1
+                    self._account(result)
+                    self._after_step(result, val_tokens, stop, progress)
+        finally:
+            torch.set_num_threads(threads)
         if self.main_rank:
             self.history.write(self.outputs.reports_dir)
         return self._final_metrics()
@@ -373,6 +380,8 @@ class Trainer:
         and stopping."""
         c, done = self.config, self.step
         last = done == c.max_steps
+        if done % c.log_interval == 0:
+            self._size_thread_pool()
         if (done % c.log_interval == 0 or last) and self.window.scored:
             self._log_window(result, progress)
         with self.clock.paused():  # evaluation, samples and checkpoints do not count against throughput
@@ -398,6 +407,19 @@ class Trainer:
                 f"checkpoint {path}. Rerun the same command (or dvc repro) to resume",
                 exit_code=SIGNAL_EXIT_CODES[stop["signal"]],
             )
+
+    def _size_thread_pool(self) -> None:
+        """train.threads N: N threads. 0 on CPU: the cores divided among the trainings running now."""
+        if self.config.threads:
+            wanted, why = self.config.threads, "train.threads"
+        elif self.core_share is not None:
+            trainings, cores = self.core_share.trainings(), self.core_share.cores
+            wanted, why = max(1, cores // trainings), f"{trainings} trainings share {cores} cores"
+        else:
+            return
+        if wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
+            self._say(f"step {self.step:>6} | {wanted} CPU thread{'s' if wanted > 1 else ''} ({why})")
 
     def _log_window(self, result: StepResult, progress: tqdm) -> None:
         """The logging window's mean loss and accuracy (over the whole global batch), and this step's details."""

@@ -117,14 +117,18 @@ def test_every_test_named_in_the_bad_input_table_exists():
 
 
 def test_preset_table_gives_the_counts_of_the_model_built():
-    """docs/model.md's parameter counts, per preset and vocabulary, equal DeepSeekLM.parameter_counts()."""
+    """docs/model.md's parameter counts, per preset, vocabulary and multi-token prediction depth, equal
+    DeepSeekLM.parameter_counts()."""
     rows = re.findall(
-        r"^\| `(\w+)`[^|]*\| ([\d,]+)[^|]*\|(.*)\|$", (ROOT / "docs" / "model.md").read_text(), re.MULTILINE
+        r"^\| `(\w+)`(?: \+ `mtp_depth: (\d+)`)?[^|]*\| ([\d,]+)[^|]*\|(.*)\|$",
+        (ROOT / "docs" / "model.md").read_text(),
+        re.MULTILINE,
     )
-    assert [preset for preset, _, _ in rows] == ["tiny", "cpu", "seed"]
-    for preset, vocab, cells in rows:
+    assert [(preset, depth) for preset, depth, _, _ in rows] == [("tiny", ""), ("cpu", ""), ("cpu", "1"), ("seed", "")]
+    for preset, depth, vocab, cells in rows:
+        config = ModelConfig.from_preset(preset, vocab_size=int(vocab.replace(",", "")), mtp_depth=int(depth or 0))
         with torch.device("meta"):
-            model = DeepSeekLM(ModelConfig.from_preset(preset, vocab_size=int(vocab.replace(",", ""))))
+            model = DeepSeekLM(config)
         counts = model.parameter_counts()
         written = [cell.strip().strip("*") for cell in cells.split("|")]
         keys = ("total", "active", "total_non_embedding", "active_non_embedding")

@@ -27,7 +27,9 @@ def test_pipeline_end_to_end(repo):
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     # Only the headline goes to DVC's metrics, so that `dvc exp show` stays readable; corpus facts are not metrics.
     assert list(metrics) == ["val"]
-    assert set(metrics["val"]) == {"bits_per_character", "loss", "perplexity", "accuracy", "max_vio"}
+    depths = range(1, load_params(repo / "params.yaml").model.config(1).mtp_depth + 1)
+    mtp = {f"mtp_{name}_{k}" for k in depths for name in ("accuracy", "acceptance")}
+    assert set(metrics["val"]) == {"bits_per_character", "loss", "perplexity", "accuracy", "max_vio"} | mtp
     assert 0 < metrics["val"]["bits_per_character"] < 8
     assert "metrics" not in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["prepare"]
     samples = json.loads((repo / "reports" / "samples.json").read_text())["samples"]
@@ -68,7 +70,7 @@ def test_exported_model_generates_what_deepseek_generate_does(repo):
     prompt = "ROMEO:\nWhat say"
     ours = run(
         [sys.executable, "-m", "stages.cli", "generate", prompt, "--temperature", "0", "--max-new-tokens", "24"], repo
-    ).stdout.rstrip("\n")
+    ).stdout.removesuffix("\n")  # the newline the command ends with; the text's own newlines stay
     run([sys.executable, "-m", "stages.cli", "export-hf", "--out", "model/hf"], repo)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
