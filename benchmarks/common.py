@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +18,7 @@ from torch import nn
 
 from deepseek import files
 from deepseek.config import ModelConfig
+from deepseek.cpu import describe_machine
 from deepseek.evaluation import autocast
 from deepseek.generate import generate
 from deepseek.hf import export_hf
@@ -55,6 +54,19 @@ json_option = click.option(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the header and tables as JSON to this file.",
 )
+
+
+def repeats_option(default: int) -> Callable[[T], T]:
+    """--repeats, with the default that suits the script."""
+    return click.option(
+        "--repeats",
+        default=default,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Time each measurement this many times and keep the fastest.",
+    )
+
+
 seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Seed for weights and tokens.")
 threads_option = click.option(
     "--threads",
@@ -72,23 +84,6 @@ def pick_device(name: str, threads: int | None) -> torch.device:
         return resolve_device(name)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-
-
-def describe_machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
-    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_header(title: str, device: torch.device, precision: str) -> dict[str, str]:

@@ -34,6 +34,7 @@ from benchmarks.common import (
     pick_device,
     print_header,
     print_table,
+    repeats_option,
     run_header,
     seed_option,
     seeded_model,
@@ -60,12 +61,6 @@ CACHE_COLUMNS = [
 
 def prompt_length(context: int, new_tokens: int, max_seq_len: int) -> int:
     return min(context, max_seq_len - new_tokens)
-
-
-def standard_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """What a multi-head cache of this model's keys (nope + rope) and values would hold, all layers."""
-    per_layer = config.num_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
-    return per_layer * dtype.itemsize * config.num_layers
 
 
 def context_prompt(config: ModelConfig, context: int, new_tokens: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -147,13 +142,7 @@ def same_tokens(continuation: torch.Tensor, reference: torch.Tensor, variant: st
     type=click.IntRange(min=0),
     help="Skip the no-cache variant above this context (it redoes the whole sequence per token).",
 )
-@click.option(
-    "--repeats",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Time each measurement this many times and keep the fastest.",
-)
+@repeats_option(default=1)
 @device_option
 @threads_option
 @seed_option
@@ -196,7 +185,7 @@ def main(
         for row in measure_context(models, context, new_tokens, no_cache_max_context, repeats, seed, device)
     ]
     latent = ours.new_cache(1, 1).bytes_per_token
-    standard = standard_cache_bytes_per_token(config, dtype)
+    standard = config.cache_bytes_per_token(dtype.itemsize)["mha"]
     last_prompt = context_prompt(config, context_list[-1], new_tokens, seed, device)
     cache_row = {
         "preset": preset,

@@ -27,6 +27,7 @@ from benchmarks.common import (
     pick_device,
     print_header,
     print_table,
+    repeats_option,
     run_header,
     seed_option,
     threads_option,
@@ -153,13 +154,7 @@ def decoding_dtype(device: torch.device) -> torch.dtype:
 @click.option("--mtp-depth", default=1, show_default=True, type=click.IntRange(min=1), help="With --preset.")
 @click.option("--new-tokens", default=200, show_default=True, type=click.IntRange(min=1))
 @click.option("--contexts", default="128,512", show_default=True, help="With --preset: contexts for the step costs.")
-@click.option(
-    "--repeats",
-    default=3,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Time each measurement this many times and keep the fastest.",
-)
+@repeats_option(default=3)
 @device_option
 @threads_option
 @seed_option

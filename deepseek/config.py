@@ -107,6 +107,18 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         return self.num_layers - self.first_k_dense_layers
 
+    def cache_bytes_per_token(self, bytes_per_value: int = 2) -> dict[str, int]:
+        """Decoding cache per token over all layers, bf16 by default: MLA's latent cache (c^KV and the shared
+        RoPE key) against a standard multi-head cache of this model's keys and values."""
+        latent = self.kv_lora_rank + self.qk_rope_head_dim
+        mha = self.num_heads * (self.qk_head_dim + self.v_head_dim)
+        return {name: size * bytes_per_value * self.num_layers for name, size in (("latent", latent), ("mha", mha))}
+
+    def moe_layer_names(self) -> list[str]:
+        """A name per MoE layer, in DeepSeekLM.moe_layers() order: the main blocks', then the MTP modules'."""
+        main = [f"layer {i}" for i in range(self.first_k_dense_layers, self.num_layers)]
+        return main + [f"MTP {k}" for k in range(1, self.mtp_depth + 1)]
+
     def replace(self, **changes: Any) -> ModelConfig:
         return ModelConfig.from_dict({**self.to_dict(), **changes})
 

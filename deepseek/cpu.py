@@ -1,6 +1,6 @@
 """What training on a CPU needs to know and set: whether bf16 matmuls are fast here, how to keep the memory
 allocator from handing big blocks back to the kernel between steps, and how many threads this training may
-take when others run beside it."""
+take when others run beside it; and what the machine is, for the records of runs and benchmarks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import ctypes
 import ctypes.util
 import fcntl
 import os
+import platform
 import tempfile
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +18,26 @@ import torch
 
 # glibc's mallopt() parameters (malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def describe_machine(device: torch.device, threads: bool = True) -> str:
+    """The GPU, or the CPU and its cores (and torch's threads now, when threads is set)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"{cpu_model()} ({os.cpu_count()} cores" + (
+        f", {torch.get_num_threads()} torch threads)" if threads else ")"
+    )
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
 
 
 def fast_bf16() -> bool:

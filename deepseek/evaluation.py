@@ -60,8 +60,8 @@ def evaluate(
         with autocast(device, dtype):
             out = model(inputs, predict_ahead=depths > 0)
         nll += F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
-        correct += (out.logits.argmax(dim=-1) == targets).sum()
         choices = out.logits.argmax(dim=-1)  # the main model's prediction of token i + 1 at index i
+        correct += (choices == targets).sum()
         for k, depth_logits in enumerate(out.mtp_logits, start=1):  # depth k's of token i + k + 1
             drafts = depth_logits.argmax(dim=-1)
             mtp_correct[k - 1] += (drafts == targets[:, k:]).sum()

@@ -84,8 +84,9 @@ class SpeculativeDecoder:
         self.start = 0  # where the window, position 0 of every cache, begins in tokens
 
     @property
-    def window(self) -> list[int]:
-        return self.tokens[self.start :]
+    def window_length(self) -> int:
+        """How many tokens the window holds: the main cache holds all but the newest."""
+        return len(self.tokens) - self.start
 
     def prefill(self, tokens: list[int]) -> int:
         """Start a window over tokens (a prompt, or the last half of a full window): the main model reads them
@@ -102,9 +103,9 @@ class SpeculativeDecoder:
 
     def step(self, budget: int) -> list[int]:
         """Draft, verify and roll back once; returns the 1 to budget tokens committed."""
-        n = len(self.window)  # the main cache holds n - 1 of them
+        n = self.window_length
         drafts, draft_probs = self._draft(min(self.depth, self.max_len - n, budget - 1))
-        chunk = torch.tensor([[self.window[-1], *drafts]], device=self.hidden.device)
+        chunk = torch.tensor([[self.tokens[-1], *drafts]], device=self.hidden.device)
         out = self.model(chunk, cache=self.main)
         if self.depth:
             self.hidden[0, n - 1 : n + len(drafts)] = out.hidden[0]
@@ -121,7 +122,7 @@ class SpeculativeDecoder:
 
     def _draft(self, count: int) -> tuple[list[int], list[torch.Tensor]]:
         """Drafts for the next count tokens, each depth first catching up on the positions it has not read."""
-        n, sequence = len(self.window), list(self.window)
+        n, sequence = self.window_length, self.tokens[self.start :]
         drafts, draft_probs = [], []
         for k in range(1, count + 1):
             cache = self.mtp[k - 1]
@@ -179,7 +180,7 @@ def stream_speculative(
             produced += 1
             if produced == max_new_tokens or token == eos_token_id:
                 return
-        if len(decoder.window) - 1 == decoder.max_len:  # the main cache is full: rebuild it, as stream() does
+        if decoder.window_length - 1 == decoder.max_len:  # the main cache is full: rebuild it, as stream() does
             pending = [decoder.prefill(decoder.tokens[-(decoder.max_len // 2) :])]
         else:
             pending = decoder.step(max_new_tokens - produced)

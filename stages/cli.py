@@ -17,6 +17,7 @@ from stages.evaluate import evaluate
 from stages.options import model_option, report_user_errors
 from stages.prepare import prepare
 from stages.sample import sample
+from stages.study import study
 from stages.tokenize import tokenize
 from stages.train import train
 from stages.trained import load_trained
@@ -30,8 +31,8 @@ def main() -> None:
     """
 
 
-for stage in (prepare, tokenize, train, evaluate, sample):
-    main.add_command(stage)
+for command in (prepare, tokenize, train, evaluate, sample, study):
+    main.add_command(command)
 
 
 @main.command()

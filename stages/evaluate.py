@@ -55,7 +55,7 @@ def evaluate(params_path: str, model_dir: Path, tokens_dir: Path, reports_dir: P
 
     fractions = np.array([layer["load_fractions"] for layer in balance["layers"]])
     _write_expert_load_csv(reports_dir / "expert_load.csv", fractions)
-    figures.expert_load(fractions, reports_dir / "figures" / "expert_load.png")
+    figures.expert_load(fractions, model.config.moe_layer_names(), reports_dir / "figures" / "expert_load.png")
     figures.loss_curves(
         _read_csv(reports_dir / "train_log.csv"),
         _read_csv(reports_dir / "val_log.csv"),

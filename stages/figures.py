@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
@@ -49,8 +50,9 @@ def loss_curves(
     return _save(fig, path)
 
 
-def expert_load(fractions: np.ndarray, path: Path) -> Path:
-    """Each MoE layer's share of routed tokens per expert, in percent, as a heatmap centred on the uniform share.
+def expert_load(fractions: np.ndarray, layer_names: list[str], path: Path) -> Path:
+    """Each MoE layer's share of routed tokens per expert, in percent, as a heatmap centred on the uniform share;
+    one row per layer, labelled by layer_names.
 
     Red is above uniform, blue below, on a symmetric scale, so a balanced model looks pale rather than having
     its smallest differences stretched over the whole colour map; each cell is labelled with its percentage.
@@ -69,6 +71,55 @@ def expert_load(fractions: np.ndarray, path: Path) -> Path:
         title=f"Expert load (uniform = {uniform:.1f}%)",
         xticks=range(experts),
         yticks=range(layers),
+        yticklabels=layer_names,
     )
     fig.colorbar(image, ax=ax, label="% of routed tokens")
+    return _save(fig, path)
+
+
+def study_metrics(
+    cells: Iterable[str], metrics: dict[str, str], values: dict[str, dict[str, list[float]]], path: Path
+) -> Path:
+    """A panel per metric (headed by metrics' headings): each cell's mean as a bar, each run's value as a dot."""
+    cells = list(cells)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 0.9 * len(cells)) * len(metrics), 3.6), squeeze=False)
+    for ax, (metric, heading) in zip(axes[0], metrics.items(), strict=True):
+        runs = [values[cell][metric] for cell in cells]
+        ax.bar(range(len(cells)), [float(np.mean(v)) if v else np.nan for v in runs], color="tab:blue", alpha=0.35)
+        for x, points in enumerate(runs):
+            ax.plot([x] * len(points), points, "o", color="tab:blue", markersize=4)
+        finite = [v for points in runs for v in points]
+        if finite:  # zoom on the differences: bars from zero would hide them
+            low, high = min(finite), max(finite)
+            margin = 0.15 * (high - low) or 0.05 * abs(high) or 1.0
+            ax.set_ylim(low - margin, high + margin)
+        ax.set_xticks(range(len(cells)), cells, rotation=30, ha="right")
+        ax.set(title=heading)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def study_curves(metric: str, histories: dict[str, list[list[tuple[int, float]]]], path: Path) -> Path:
+    """metric by step per cell: the mean over the cell's runs, each run's own curve faint behind it."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    late: list[float] = []
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (cell, runs) in enumerate(histories.items()):
+        colour = colours[index % len(colours)]
+        if not runs:
+            continue
+        for points in runs:
+            ax.plot(*zip(*points, strict=True), color=colour, alpha=0.25, linewidth=0.8)
+        steps = sorted(set.intersection(*(set(step for step, _ in points) for points in runs)))
+        means = [float(np.mean([dict(points)[step] for points in runs])) for step in steps]
+        ax.plot(steps, means, color=colour, label=f"{cell} (mean of {len(runs)})")
+        late += means[len(means) // 5 :]
+    if late:  # the first fifth of training falls steeply and would flatten the differences that matter
+        margin = 0.05 * (max(late) - min(late)) or 0.01
+        ax.set_ylim(min(late) - margin, max(late) + margin)
+    ax.set(xlabel="optimizer step", ylabel=metric, title=metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    ax.grid(alpha=0.3)
+    ax.legend()
     return _save(fig, path)

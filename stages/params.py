@@ -101,6 +101,18 @@ class MlflowParams:
         require(self.alias.replace("-", "_").isidentifier(), "alias", "must be a simple name")
 
 
+@dataclass(frozen=True)
+class StudyParams:
+    """Set by `deepseek study run` on each run it queues: MLflow tags the run with them (tags `study` and
+    `study.cell`), which is how `deepseek study report` and the MLflow UI find a study's runs."""
+
+    name: str = ""  # empty: not part of a study
+    cell: str = ""
+
+    def __post_init__(self) -> None:
+        require(bool(self.name) or not self.cell, "cell", "needs study.name as well")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataParams,
     "tokenizer": TokenizerParams,
@@ -108,6 +120,7 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateParams,
     "sample": SampleParams,
     "mlflow": MlflowParams,
+    "study": StudyParams,
 }
 
 
@@ -136,6 +149,7 @@ class Params:
     evaluate: EvaluateParams
     sample: SampleParams
     mlflow: MlflowParams
+    study: StudyParams
     values: dict[str, Any]  # the file as written, for tracking
 
 

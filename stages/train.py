@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import click
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from deepseek import distributed
@@ -26,6 +27,8 @@ from deepseek.checkpoint import (
     run_fingerprint,
     save_model,
 )
+from deepseek.config import ModelConfig
+from deepseek.cpu import describe_machine
 from deepseek.files import check_replaceable, directory_lock, write_json
 from deepseek.model import DeepSeekLM
 from deepseek.trainer import (
@@ -112,10 +115,7 @@ def train(
     with directory_lock(model_dir, "training") if distributed.is_main() else nullcontext():
         check_replaceable(model_dir / "final", MODEL_DIR, inputs=[tokenizer_dir])  # before training, not after
         resume = _resume_point(model_dir / "checkpoints", fingerprint, params.train.max_steps)
-        # Parameter counts are facts of the model, tags rather than metrics: MLflow's comparison plots the first
-        # metric a run logged, which is then the training loss.
-        tags = _run_tags(stats) | {f"model.parameters.{k}": str(v) for k, v in counts.items()}
-        tags |= {"train.precision": precision, "train.device": device.type}
+        tags = _run_tags(params, stats, config, counts, precision, device)
         run = _tracking_run(params, config.to_dict(), tags, stats, resume, params_path, tokenizer_dir)
         if distributed.is_main():
             run.write_run_file(reports_dir / tracking.RUN_FILE)
@@ -233,13 +233,30 @@ def _corpus_uri(data: DataParams) -> str:
     return f"{data.smollm_dataset}/{data.smollm_subset}" if data.source == "smollm" else data.path
 
 
-def _run_tags(stats: dict) -> dict[str, str]:
-    return {
+def _run_tags(
+    params: Params, stats: dict, config: ModelConfig, counts: dict[str, int], precision: str, device: torch.device
+) -> dict[str, str]:
+    """What the run is, for finding and comparing runs: code, data, machine, study; and facts of the model.
+
+    Parameter counts and cache sizes are facts of the model, tags rather than metrics: MLflow's comparison plots
+    the first metric a run logged, which is then the training loss.
+    """
+    tags = {
         **tracking.git_state(),
         "data_sha256": stats.get("sha256", "unknown"),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "train.precision": precision,
+        "train.device": device.type,
+        "machine": describe_machine(device, threads=False),  # train.threads may change them while it runs
     }
+    tags |= {f"model.parameters.{kind}": str(count) for kind, count in counts.items()}
+    tags |= {
+        f"model.kv_cache_bytes_per_token.{kind}": str(size) for kind, size in config.cache_bytes_per_token().items()
+    }
+    if params.study.name:
+        tags |= {"study": params.study.name, "study.cell": params.study.cell}
+    return tags
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ DOC_FILES = [
         ROOT / "docs" / name
         for name in ("pipeline.md", "tracking.md", "ci.md", "model.md", "operations.md", "benchmarks.md")
     ),
+    ROOT / "docs" / "studies" / "README.md",
     ROOT / "benchmarks" / "README.md",
 ]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
@@ -144,8 +145,8 @@ def test_preset_table_gives_the_counts_of_the_model_built():
 class DocRunner:
     """Runs documented commands in a tiny pipeline repository, as a reader would, one after another."""
 
-    def __init__(self, repo: Path, home: Path, tokenizer_dir: Path) -> None:
-        self.repo, self.tokenizer_dir = repo, tokenizer_dir
+    def __init__(self, repo: Path, home: Path, tokenizer_dir: Path, tiny_study: Path) -> None:
+        self.repo, self.tokenizer_dir, self.tiny_study = repo, tokenizer_dir, tiny_study
         # HOME is a scratch folder: a documented `git config --global` must not touch the real one.
         self.env = {**pipeline_env(), "HOME": str(home), "COLUMNS": "120", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
@@ -157,6 +158,8 @@ class DocRunner:
             code += f" -S tokenizer.pretrained={self.tokenizer_dir} -S model.num_layers=1 -S model.hidden_size=64"
         if code.startswith("deepseek generate"):  # the tiny model's context is 64 tokens
             code = re.sub(r"--max-new-tokens \d+", "--max-new-tokens 40", code)
+        if code.startswith("deepseek study"):  # a real study is hours of training; this one, one tiny run
+            code = re.sub(r"docs/studies/[\w-]+\.yaml", str(self.tiny_study), code)
         if match := re.match(r"python -m benchmarks\.(\w+)", code):
             code += f" {BENCHMARK_TINY_ARGS[match.group(1)]} --device cpu --threads 1"
         return code
@@ -254,7 +257,13 @@ def test_every_documented_command_runs(tmp_path):
     standin = tmp_path / "pretrained-tokenizer"  # for the hub tokenizer of the original configuration
     build_tokenizer(TokenizerParams(kind="bpe", vocab_size=300), tiny_corpus()).save_pretrained(standin)
     (tmp_path / "home").mkdir()
-    runner = DocRunner(repo, tmp_path / "home", standin)
+    tiny_study = tmp_path / "studies" / "tiny.yaml"
+    tiny_study.parent.mkdir()
+    tiny_study.write_text(
+        "params: {train.max_steps: 2, mlflow.register_model: false}\n"
+        "cells: {base: {}}\nseeds: [1]\nmetrics: {val.bits_per_character: bits/char}\ncurves: [loss]\n"
+    )
+    runner = DocRunner(repo, tmp_path / "home", standin, tiny_study)
     ran = 0
     for path in DOC_FILES:
         for command in shell_commands(path):

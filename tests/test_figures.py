@@ -43,8 +43,9 @@ def test_loss_curves_plot_steps_as_numbers_on_an_integer_axis(tmp_path, drawn):
 
 def test_expert_load_is_centred_on_the_uniform_share(tmp_path, drawn):
     fractions = np.array([[0.4, 0.2, 0.2, 0.2], [0.25, 0.25, 0.25, 0.25]])
-    figures.expert_load(fractions, tmp_path / "load.png")
+    figures.expert_load(fractions, ["layer 1", "MTP 1"], tmp_path / "load.png")
     (image,) = drawn[0].axes[0].get_images()
+    assert [label.get_text() for label in drawn[0].axes[0].get_yticklabels()] == ["layer 1", "MTP 1"]
     low, high = image.get_clim()
     assert low + high == pytest.approx(2 * 25.0)  # symmetric about 25%, in percent
     assert high == pytest.approx(40.0)

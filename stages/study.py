@@ -1,0 +1,211 @@
+"""`deepseek study run` and `deepseek study report`: a study's trials as queued DVC experiments, and its report
+from what MLflow holds (stages/studies.py defines studies and trials)."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import time
+from datetime import datetime
+from itertools import chain
+from pathlib import Path
+
+import click
+
+from deepseek.errors import UserError
+from deepseek.files import write_text
+from stages import figures
+from stages.options import report_user_errors
+from stages.params import read_params
+from stages.studies import (
+    Study,
+    Trial,
+    complete_runs,
+    curves,
+    load_study,
+    metric_values,
+    runs_of,
+)
+
+BEGIN = "<!-- begin: written by `deepseek study report`; edits between these lines are replaced -->"
+END = "<!-- end: written by `deepseek study report` -->"
+
+study_file = click.argument("study_path", metavar="STUDY_FILE", type=click.Path(dir_okay=False, path_type=Path))
+
+
+@click.group()
+def study() -> None:
+    """Studies: a grid of experiments in a file (docs/studies/*.yaml), run with DVC and compared from MLflow."""
+
+
+@study.command()
+@study_file
+@click.option(
+    "-j",
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Experiments at once (dvc exp run --run-all -j). Each CPU training takes its share of the cores.",
+)
+@click.option("--dry-run", is_flag=True, help="Show which trials would run, and run nothing.")
+@report_user_errors
+def run(study_path: Path, jobs: int, dry_run: bool) -> None:
+    """Queue every trial (cell x seed) not yet complete in MLflow as a named DVC experiment, and run the queue.
+
+    \b
+    Rerunning after an interruption or a failure runs only what is missing. Run from the project root; the
+    experiments start from the workspace, as `dvc exp run --queue` does. The queue runs any experiment queued
+    before, too.
+    """
+    plan = load_study(study_path)
+    done = complete_runs(plan, runs_of(plan))
+    todo = [trial for trial in plan.trials() if trial not in done]
+    click.echo(f"study {plan.name}: {len(plan.trials())} trials, {len(done)} complete in MLflow, {len(todo)} to run")
+    for trial in todo:
+        click.echo(f"  {trial.name}")
+    if dry_run or not todo:
+        return
+    _queue(todo)
+    started = time.monotonic()
+    subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], check=False)
+    seconds = time.monotonic() - started
+    now_done = complete_runs(plan, runs_of(plan))
+    failed = [trial for trial in todo if trial not in now_done]
+    tokens = sum(now_done[t].data.metrics.get("final.tokens", 0) for t in todo if t in now_done)
+    click.echo(
+        f"{len(todo) - len(failed)} trials in {seconds / 60:.1f} min with -j {jobs}: "
+        f"{tokens / seconds:,.0f} training tokens/s in aggregate, startup and evaluation included"
+    )
+    if failed:
+        raise UserError(
+            f"{len(failed)} trial(s) did not complete: {', '.join(t.name for t in failed)}; `dvc queue logs NAME` "
+            "shows why, and rerunning this command runs them again"
+        )
+
+
+def _queue(trials: list[Trial]) -> None:
+    """`dvc exp run --queue` each trial, unless DVC has it queued or running already."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        queue = repo.experiments.celery_queue
+        pending = {entry.name for entry in chain(queue.iter_queued(), queue.iter_active())}
+        existing = {name for name, _ in repo.experiments.ls().get(repo.scm.get_rev(), [])}
+    corpus = Path(str(read_params().get("data", {}).get("path", "")))
+    for trial in trials:
+        if trial.name in pending:
+            continue
+        command = ["dvc", "exp", "run", "--queue", "--name", trial.name]
+        command += [f"--set-param={key}={_dvc_value(value)}" for key, value in trial.params.items()]
+        # Queued experiments run in a copy of the repository, without git-ignored files such as the corpus.
+        command += ["--copy-paths", str(corpus)] if corpus.is_file() and not corpus.is_absolute() else []
+        # An experiment of this name that MLflow does not hold complete is this command's earlier try: replace it.
+        command += ["--force"] if trial.name in existing else []
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise UserError(f"dvc could not queue {trial.name}: {(result.stderr or result.stdout).strip()}")
+
+
+def _dvc_value(value: bool | int | float | str) -> str:
+    """A value as `dvc exp run -S` reads it (Hydra's override grammar)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return repr(value)
+
+
+@study.command()
+@study_file
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where NAME.md and the NAME/ figures go [default: the study file's directory].",
+)
+@report_user_errors
+def report(study_path: Path, out_dir: Path | None) -> None:
+    """Write the study's table (mean and spread over seeds) and figures from the runs MLflow holds.
+
+    \b
+    Only the part of OUT_DIR/NAME.md between its two marker lines is replaced, so text written around it
+    (conclusions) stays; the figures go to OUT_DIR/NAME/.
+    """
+    plan = load_study(study_path)
+    out_dir = out_dir or study_path.parent
+    runs = complete_runs(plan, runs_of(plan))
+    if not runs:
+        raise UserError(f"MLflow holds no complete run of study {plan.name}: run `deepseek study run {study_path}`")
+    values = metric_values(plan, runs)
+    unlogged = [metric for metric in plan.metrics if not any(values[cell][metric] for cell in plan.cells)]
+    if unlogged:
+        raise UserError(f"no run of study {plan.name} has {', '.join(unlogged)}: correct the metrics of {study_path}")
+    figure_dir = out_dir / plan.name
+    pictures = [figures.study_metrics(plan.cells, plan.metrics, values, figure_dir / "metrics.png")]
+    for metric in plan.curves:
+        histories = curves(plan, runs, metric)
+        if not any(histories.values()):
+            raise UserError(f"no run of study {plan.name} logged {metric!r} by step: correct its curves")
+        pictures.append(figures.study_curves(metric, histories, figure_dir / f"{metric}.png"))
+    block = _report_block(plan, study_path, runs, values, [p.relative_to(out_dir) for p in pictures])
+    path = out_dir / f"{plan.name}.md"
+    write_text(path, _replace_block(path.read_text() if path.exists() else _new_report(plan), block, path))
+    click.echo(f"wrote {path} and {len(pictures)} figure(s) in {figure_dir}: {len(runs)} runs")
+
+
+def _report_block(plan: Study, study_path: Path, runs: dict, values: dict, pictures: list[Path]) -> str:
+    """The generated part of the report: where the numbers come from, the table, the figures."""
+    started = sorted(datetime.fromtimestamp(run.info.start_time / 1000) for run in runs.values())
+    machines = sorted({run.data.tags.get("machine", "unknown machine") for run in runs.values()})
+    commits = sorted({run.data.tags.get("git_commit", "unknown")[:7] for run in runs.values()})
+    header = ["cell", "settings", "runs", *plan.metrics.values()]
+    rows = [
+        [
+            f"`{cell}`",
+            plan.cell_settings(cell),
+            str(len(next(iter(values[cell].values())))),
+            *map(_spread, values[cell].values()),
+        ]
+        for cell in plan.cells
+    ]
+    lines = [
+        BEGIN,
+        "",
+        f"{len(runs)} of {len(plan.trials())} runs ({len(plan.cells)} cells, seeds {', '.join(map(str, plan.seeds))}), "
+        f"{started[0]:%Y-%m-%d %H:%M} to {started[-1]:%Y-%m-%d %H:%M}, on {'; '.join(machines)}, "
+        f"git commit {', '.join(commits)}. Every run sets "
+        + (", ".join(f"`{k}={v}`" for k, v in plan.params.items()) or "nothing beyond params.yaml")
+        + ".",
+        "",
+        f"Run it: `deepseek study run {study_path} -j 2`, then `deepseek study report {study_path}`. "
+        f"In the MLflow UI (experiment `deepseek-repro`), type `tags.study = '{plan.name}'` in the search box.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---", "---", "---:"] + ["---:"] * len(plan.metrics)) + " |",
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+        "Each value is the mean ± the standard deviation over the cell's runs (one per seed).",
+        "",
+        *(f"![{picture.stem}]({picture.as_posix()})" for picture in pictures),
+        "",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    return f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} ± {statistics.stdev(values):.2g}"
+
+
+def _new_report(plan: Study) -> str:
+    return f"# {plan.title}\n\n{plan.description}\n\n{BEGIN}\n{END}\n"
+
+
+def _replace_block(text: str, block: str, path: Path) -> str:
+    """text with its generated block replaced; a report whose markers were removed is not overwritten."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise UserError(f"{path} lacks the report's two marker lines (or repeats them): restore them, or move it away")
+    return text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
