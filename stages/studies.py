@@ -78,7 +78,12 @@ class Study:
 
     def cell_settings(self, cell: str) -> str:
         """What sets a cell apart, for the report: its params as KEY=VALUE."""
-        return ", ".join(f"{key}={value}" for key, value in self.cells[cell].items()) or "(the study's params)"
+        return ", ".join(f"{key}={param_text(value)}" for key, value in self.cells[cell].items()) or "(none)"
+
+
+def param_text(value: Scalar) -> str:
+    """A param's value as params.yaml writes it (false, not False)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def load_study(path: str | Path) -> Study:

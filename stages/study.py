@@ -24,6 +24,7 @@ from stages.studies import (
     curves,
     load_study,
     metric_values,
+    param_text,
     runs_of,
 )
 
@@ -66,10 +67,7 @@ def run(study_path: Path, jobs: int, dry_run: bool) -> None:
         click.echo(f"  {trial.name}")
     if dry_run or not todo:
         return
-    _queue(todo)
-    started = time.monotonic()
-    subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], check=False)
-    seconds = time.monotonic() - started
+    seconds = _run_queue(todo, jobs)
     now_done = complete_runs(plan, runs_of(plan))
     failed = [trial for trial in todo if trial not in now_done]
     tokens = sum(now_done[t].data.metrics.get("final.tokens", 0) for t in todo if t in now_done)
@@ -84,6 +82,19 @@ def run(study_path: Path, jobs: int, dry_run: bool) -> None:
         )
 
 
+def _run_queue(trials: list[Trial], jobs: int) -> float:
+    """Queue the trials and run DVC's queue, jobs at a time; returns the seconds it took."""
+    from dvc.exceptions import DvcException
+
+    try:
+        _queue(trials)
+    except DvcException as error:  # not a DVC repository, no commit yet, ...
+        raise UserError(f"dvc cannot queue experiments here: {error}; run from the project's root") from None
+    started = time.monotonic()
+    subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], check=False)
+    return time.monotonic() - started
+
+
 def _queue(trials: list[Trial]) -> None:
     """`dvc exp run --queue` each trial, unless DVC has it queued or running already."""
     from dvc.repo import Repo
@@ -92,13 +103,14 @@ def _queue(trials: list[Trial]) -> None:
         queue = repo.experiments.celery_queue
         pending = {entry.name for entry in chain(queue.iter_queued(), queue.iter_active())}
         existing = {name for name, _ in repo.experiments.ls().get(repo.scm.get_rev(), [])}
-    corpus = Path(str(read_params().get("data", {}).get("path", "")))
+    default_corpus = read_params().get("data", {}).get("path", "")
     for trial in trials:
         if trial.name in pending:
             continue
         command = ["dvc", "exp", "run", "--queue", "--name", trial.name]
         command += [f"--set-param={key}={_dvc_value(value)}" for key, value in trial.params.items()]
         # Queued experiments run in a copy of the repository, without git-ignored files such as the corpus.
+        corpus = Path(str(trial.params.get("data.path", default_corpus)))
         command += ["--copy-paths", str(corpus)] if corpus.is_file() and not corpus.is_absolute() else []
         # An experiment of this name that MLflow does not hold complete is this command's earlier try: replace it.
         command += ["--force"] if trial.name in existing else []
@@ -155,34 +167,15 @@ def report(study_path: Path, out_dir: Path | None) -> None:
 
 def _report_block(plan: Study, study_path: Path, runs: dict, values: dict, pictures: list[Path]) -> str:
     """The generated part of the report: where the numbers come from, the table, the figures."""
-    started = sorted(datetime.fromtimestamp(run.info.start_time / 1000) for run in runs.values())
-    machines = sorted({run.data.tags.get("machine", "unknown machine") for run in runs.values()})
-    commits = sorted({run.data.tags.get("git_commit", "unknown")[:7] for run in runs.values()})
-    header = ["cell", "settings", "runs", *plan.metrics.values()]
-    rows = [
-        [
-            f"`{cell}`",
-            plan.cell_settings(cell),
-            str(len(next(iter(values[cell].values())))),
-            *map(_spread, values[cell].values()),
-        ]
-        for cell in plan.cells
-    ]
     lines = [
         BEGIN,
         "",
-        f"{len(runs)} of {len(plan.trials())} runs ({len(plan.cells)} cells, seeds {', '.join(map(str, plan.seeds))}), "
-        f"{started[0]:%Y-%m-%d %H:%M} to {started[-1]:%Y-%m-%d %H:%M}, on {'; '.join(machines)}, "
-        f"git commit {', '.join(commits)}. Every run sets "
-        + (", ".join(f"`{k}={v}`" for k, v in plan.params.items()) or "nothing beyond params.yaml")
-        + ".",
+        _provenance(plan, runs),
         "",
         f"Run it: `deepseek study run {study_path} -j 2`, then `deepseek study report {study_path}`. "
         f"In the MLflow UI (experiment `deepseek-repro`), type `tags.study = '{plan.name}'` in the search box.",
         "",
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join(["---", "---", "---:"] + ["---:"] * len(plan.metrics)) + " |",
-        *("| " + " | ".join(row) + " |" for row in rows),
+        *_table(plan, runs, values),
         "",
         "Each value is the mean ± the standard deviation over the cell's runs (one per seed).",
         "",
@@ -191,6 +184,34 @@ def _report_block(plan: Study, study_path: Path, runs: dict, values: dict, pictu
         END,
     ]
     return "\n".join(lines)
+
+
+def _provenance(plan: Study, runs: dict) -> str:
+    """How many runs, when, on what machine, from which commit, with which params."""
+    started = sorted(datetime.fromtimestamp(run.info.start_time / 1000) for run in runs.values())
+    machines = sorted({run.data.tags.get("machine", "unknown machine") for run in runs.values()})
+    commits = {run.data.tags.get("git_commit", "unknown")[:7] for run in runs.values()}  # the experiments' baseline
+    settings = ", ".join(f"`{key}={param_text(value)}`" for key, value in plan.params.items())
+    return (
+        f"{len(runs)} of {len(plan.trials())} runs ({len(plan.cells)} cells, seeds {', '.join(map(str, plan.seeds))}), "
+        f"{started[0]:%Y-%m-%d %H:%M} to {started[-1]:%Y-%m-%d %H:%M}, on {'; '.join(machines)}, "
+        f"git commit {', '.join(sorted(commits))}. Every run sets {settings or 'nothing beyond params.yaml'}."
+    )
+
+
+def _table(plan: Study, runs: dict, values: dict) -> list[str]:
+    """A Markdown row per cell: its settings, its number of runs, and each metric's mean ± sd over them."""
+    header = ["cell", "settings", "runs", *plan.metrics.values()]
+    rows = [
+        [f"`{cell}`", plan.cell_settings(cell), str(sum(trial.cell == cell for trial in runs))]
+        + [_spread(values[cell][metric]) for metric in plan.metrics]
+        for cell in plan.cells
+    ]
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---", "---", "---:"] + ["---:"] * len(plan.metrics)) + " |",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
 
 
 def _spread(values: list[float]) -> str:

@@ -95,7 +95,10 @@ def _retry(call: Callable[[], T], attempts: int = 5) -> T:
 def client() -> MlflowClient:
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri())
+    # A client opens its store at once, and the first to open a new SQLite store creates its tables: two parallel
+    # queued runs doing that together collide ("table ... already exists").
+    with _store_lock():
+        return mlflow.MlflowClient(tracking_uri())
 
 
 @contextmanager

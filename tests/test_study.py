@@ -51,7 +51,7 @@ def test_a_study_runs_each_trial_once_and_reports_what_mlflow_holds(tmp_path):
     repo = make_pipeline_repo(tmp_path / "repo")
     study = write_study(tmp_path / "studies")
 
-    first = run(["deepseek", "study", "run", str(study)], repo)
+    first = run(["deepseek", "study", "run", str(study), "-j", "2"], repo)
     assert "2 trials, 0 complete in MLflow, 2 to run" in first.stdout
     runs = study_runs(repo, "tiny")
     assert sorted(r.data.tags["study.cell"] for r in runs) == ["fast", "slow"]
