@@ -80,13 +80,18 @@ def _store_lock() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+# What parallel runs sharing a store may briefly hit: SQLite's one writer at a time, and two runs creating the same
+# dataset row at once (MLflow checks, then inserts); the next attempt finds the row.
+TRANSIENT = ("locked", "UNIQUE constraint failed", "duplicate key value")
+
+
 def _retry(call: Callable[[], T], attempts: int = 5) -> T:
-    """SQLite allows one writer at a time; parallel queued runs may briefly see 'database is locked'."""
+    """call(), tried again after a TRANSIENT failure."""
     for attempt in range(attempts):
         try:
             return call()
-        except Exception as error:  # MlflowException or sqlalchemy's OperationalError, by backend
-            if "locked" not in str(error) or attempt == attempts - 1:
+        except Exception as error:  # MlflowException or sqlalchemy's errors, by backend
+            if not any(marker in str(error) for marker in TRANSIENT) or attempt == attempts - 1:
                 raise
             time.sleep(0.5 * 2**attempt)
     raise AssertionError("unreachable")
@@ -277,7 +282,12 @@ class Run:
             profile=json.dumps(stats),
         )
         context = InputTag("mlflow.data.context", "training")
-        self._do(lambda client, run_id: client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[context])]))
+
+        def log(client: MlflowClient, run_id: str) -> None:
+            with _store_lock():  # parallel runs of one corpus create its dataset row: one at a time
+                client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[context])])
+
+        self._do(log)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
