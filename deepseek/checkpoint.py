@@ -130,8 +130,12 @@ class ResumePoint:
     info: dict[str, Any]  # checkpoint.json: step, fingerprint, history, ...
     trainer_state: dict[str, Any]
 
+    @property
+    def weights_file(self) -> Path:
+        return self.path / WEIGHTS
+
     def load_weights(self, model: DeepSeekLM) -> None:
-        load_safetensors_model(model, str(self.path / WEIGHTS))
+        load_safetensors_model(model, str(self.weights_file))
 
 
 def find_resume_point(directory: str | Path, fingerprint: dict[str, str]) -> ResumePoint | None:

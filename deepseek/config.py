@@ -177,6 +177,9 @@ class TrainConfig:
     # start and end (deepseek.cpu.CoreShare); N = exactly N
     threads: int = 0
     compile: bool = False  # torch.compile the training forward
+    # Under torchrun: ddp replicates the weights on every rank; fsdp shards weights, gradients and optimizer state
+    # (FSDP2), for models larger than one device. One process ignores it.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     # lambda of DeepSeek-V3 eq. 25: loss = main + lambda * mean of the multi-token prediction losses (mtp_depth > 0)
     mtp_loss_weight: float = 0.3
 
@@ -210,6 +213,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        require(self.parallel in ("ddp", "fsdp"), "parallel", "must be ddp or fsdp")
         require(
             self.dtype in ("auto", "float32", "bfloat16", "float16"),
             "dtype",

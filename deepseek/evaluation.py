@@ -16,11 +16,12 @@ from deepseek.batches import check_token_ids, evaluation_batches
 from deepseek.model import DeepSeekLM
 
 
-def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager[Any]:
-    """Mixed precision where dtype asks for it; plain float32 otherwise."""
+def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True) -> AbstractContextManager[Any]:
+    """Mixed precision where dtype asks for it; plain float32 otherwise. cache: keep each weight's low-precision
+    copy until the context exits."""
     if dtype == torch.float32:
         return nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 @torch.no_grad()

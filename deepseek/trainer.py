@@ -18,7 +18,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -26,9 +26,10 @@ from typing import Any, Protocol, cast
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
-from deepseek import distributed
+from deepseek import distributed, fsdp
 from deepseek.balance import max_violation
 from deepseek.batches import check_token_ids, training_batches
 from deepseek.checkpoint import ResumePoint, checkpoint_path, save_checkpoint
@@ -122,8 +123,10 @@ class Window:
     """Running sums over the current logging window; they stay on the device, so steps never wait for the host."""
 
     def __init__(self, device: torch.device, mtp_depth: int) -> None:
-        self.loss_sum = torch.zeros((), device=device)
-        self.mtp_loss_sum = torch.zeros(mtp_depth, device=device)  # per multi-token prediction depth
+        # float64: a sum of a few float32 losses is exact, so it is the same in any order (each rank's, then across
+        # ranks; or across ranks at a checkpoint, then on after a resume).
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.mtp_loss_sum = torch.zeros(mtp_depth, dtype=torch.float64, device=device)  # per prediction depth
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.scored = 0  # tokens
 
@@ -143,7 +146,7 @@ class Window:
         """Rank 0 takes the sums of all ranks and the others start from zero, so that their sum is right."""
         share = 1 if distributed.is_main() else 0
         self.loss_sum.fill_(state["loss_sum"] * share)
-        self.mtp_loss_sum.copy_(torch.tensor(state["mtp_loss_sum"]) * share)
+        self.mtp_loss_sum.copy_(torch.tensor(state["mtp_loss_sum"], dtype=torch.float64) * share)
         self.correct.fill_(state["correct"] * share)
         self.scored = state["scored"]
 
@@ -185,9 +188,9 @@ SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C, SIGINT", signal.SIGTERM: "SIGTERM"}
 class Trainer:
     """Trains a DeepSeekLM in place for config.max_steps optimizer steps; resumable from its checkpoints.
 
-    Under torchrun each rank trains on its own slice of every global batch (DistributedDataParallel averages
-    the gradients), expert loads are summed across ranks before the balancing update, and only rank 0
-    logs, evaluates, samples and writes files.
+    Under torchrun each rank trains on its own slice of every global batch, with the weights replicated
+    (train.parallel ddp: DistributedDataParallel averages the gradients) or sharded (fsdp: deepseek/fsdp.py).
+    Expert loads are summed across ranks before the balancing update, and only rank 0 logs and writes files.
     """
 
     def __init__(
@@ -212,7 +215,8 @@ class Trainer:
         # On CPU, train.threads 0 shares the cores with the other trainings running at once.
         self.core_share = CoreShare() if self.device.type == "cpu" and config.threads == 0 else None
         self.model = model.to(self.device).train()
-        self.step_model = self._wrap(self.model)
+        self.sharded = distributed.active() and config.parallel == "fsdp"
+        self.step_model = self._wrap(self.model)  # before the optimizer: sharding replaces the parameters
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(config))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -228,9 +232,13 @@ class Trainer:
         self._say: Callable[[str], None] = print
 
     def _wrap(self, model: DeepSeekLM) -> torch.nn.Module:
-        """What the training forward calls: DDP across processes, torch.compile on request."""
+        """What the training forward calls: the model sharded in place (FSDP2) or wrapped in DDP across processes,
+        torch.compile on request."""
         step_model: torch.nn.Module = model
-        if distributed.active():
+        if self.sharded:
+            # On GPU the gathered weights compute in bf16 (fp16); on CPU autocast does as without sharding.
+            fsdp.shard(model, self.dtype if self.device.type == "cuda" and self.dtype != torch.float32 else None)
+        elif distributed.active():
             # broadcast_buffers=False: each rank's expert-load counts are its own until the balancing update.
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             step_model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
@@ -243,8 +251,9 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights that training needs to go on exactly where it stopped. Under torchrun a
         collective: every rank calls it."""
+        optimizer = fsdp.optimizer_state(self.model, self.optimizer) if self.sharded else self.optimizer.state_dict()
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -254,7 +263,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            fsdp.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.window.load_state_dict(state["window"])
@@ -263,7 +275,10 @@ class Trainer:
 
     def resume(self, point: ResumePoint) -> None:
         """Continue from a checkpoint: its weights, trainer state, loss history and step."""
-        point.load_weights(self.model)
+        if self.sharded:
+            fsdp.load_weights(self.model, point.weights_file)
+        else:
+            point.load_weights(self.model)
         self.load_state_dict(point.trainer_state)
         self.history = History(**point.info["history"])
         self.step = point.info["step"]
@@ -331,14 +346,13 @@ class Trainer:
         step_mtp_losses = torch.zeros(self.model.config.mtp_depth, device=self.device)
         step_correct = torch.zeros((), dtype=torch.long, device=self.device)
         # One autocast context over the whole step: autocast keeps its bf16 copy of each weight until its outermost
-        # context exits, so the weights are cast once per optimizer step, not once per micro-batch.
-        with autocast(self.device, self.dtype):
+        # context exits, so the weights are cast once per optimizer step, not once per micro-batch. Not under FSDP:
+        # there each forward gathers its weights anew, and a copy cached from an earlier micro-batch's gathered
+        # weights would send this micro-batch's gradients to those, where FSDP never reads them.
+        with autocast(self.device, self.dtype, cache=not self.sharded):
             for micro_step in range(c.grad_accum_steps):
                 inputs, targets = (t.to(self.device, non_blocking=True) for t in next(batches))
-                # Under DDP, gradients are averaged across ranks once per step, on the last micro-batch.
-                sync = micro_step == c.grad_accum_steps - 1 or not distributed.active()
-                no_sync = nullcontext() if sync else cast(DistributedDataParallel, self.step_model).no_sync()
-                with no_sync:
+                with self._gradient_sync(micro_step == c.grad_accum_steps - 1):
                     out = self.step_model(inputs, targets)
                     loss = training_loss(out, c.mtp_loss_weight)
                     with torch.autocast(self.device.type, enabled=False):  # backward in the forward's dtypes
@@ -347,7 +361,7 @@ class Trainer:
                 step_mtp_losses += cast(torch.Tensor, out.mtp_losses).detach()
                 step_correct += (out.logits.detach().argmax(dim=-1) == targets).sum()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip or float("inf"))
+        grad_norm = fsdp.full_tensor(clip_grad_norm_(self.model.parameters(), c.grad_clip or float("inf")))
         lr = float(self.scheduler.get_last_lr()[0])
         # One host sync per optimizer step, the same decision on every rank: never train on NaN or inf.
         applied = distributed.all_ranks_agree(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
@@ -359,6 +373,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # a skipped step still counts towards max_steps and the schedule
         return StepResult(step_loss, step_mtp_losses, step_correct, grad_norm, lr, loads, applied)
+
+    def _gradient_sync(self, sync: bool) -> AbstractContextManager[Any]:
+        """Across processes, gradients are averaged (DDP) or reduce-scattered (FSDP) once per step: with sync on
+        the last micro-batch, and only then."""
+        if self.sharded:
+            fsdp.set_gradient_sync(self.model, sync)
+        if sync or self.sharded or not distributed.active():
+            return nullcontext()
+        return cast(DistributedDataParallel, self.step_model).no_sync()
 
     def _account(self, result: StepResult) -> None:
         self.clock.add(self.config.tokens_per_step)
@@ -384,11 +407,14 @@ class Trainer:
             self._size_thread_pool()
         if (done % c.log_interval == 0 or last) and self.window.scored:
             self._log_window(result, progress)
+        # Every forward through sharded weights is a collective, so under FSDP every rank evaluates and samples.
+        forwards = self.main_rank or self.sharded
         with self.clock.paused():  # evaluation, samples and checkpoints do not count against throughput
-            if self.main_rank and (done % c.eval_interval == 0 or last):
+            if forwards and (done % c.eval_interval == 0 or last):
                 self._evaluate(val_tokens)
-            if self.main_rank and self.sampler is not None and (done % c.sample_interval == 0 or last):
+            if forwards and self.sampler is not None and (done % c.sample_interval == 0 or last):
                 self._say(f"--- sample at step {done} ---\n{self._sample(self.sampler)}\n---")
+            fsdp.reshard(self.model)
             if done % c.checkpoint_interval == 0 or last:
                 self._checkpoint()
         if self.nonfinite_streak >= c.max_nonfinite_steps or (last and self.nonfinite_streak):
@@ -478,12 +504,17 @@ class Trainer:
 
     def _checkpoint(self) -> Path:
         state = self.state_dict()  # on every rank: it sums the logging window across them
+        model = self.full_model()
         if self.main_rank:
             info = {**self.checkpoint_info, "history": {"train": self.history.train, "val": self.history.val}}
             save_checkpoint(
-                self.outputs.checkpoint_dir, self.step, self.model, state, info, keep=self.config.keep_checkpoints
+                self.outputs.checkpoint_dir, self.step, model, state, info, keep=self.config.keep_checkpoints
             )
         return checkpoint_path(self.outputs.checkpoint_dir, self.step)
+
+    def full_model(self) -> DeepSeekLM:
+        """The trained model, whole on rank 0: under FSDP gathered into a plain copy (a collective)."""
+        return fsdp.gathered(self.model) if self.sharded else self.model
 
     def _log(self, metrics: dict[str, float]) -> None:
         for sink in self.sinks:

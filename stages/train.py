@@ -83,7 +83,8 @@ def train(
     Checkpoints go to MODEL_DIR/checkpoints every train.checkpoint_interval steps (the newest
     train.keep_checkpoints are kept). After a crash, a kill or an interrupt, rerunning resumes from the
     newest intact checkpoint made with the same params, data and code, and ends with the same metrics.
-    Data-parallel on N processes: torchrun --nproc_per_node N -m stages.train (gloo on CPU, NCCL on GPU).
+    Data-parallel on N processes: torchrun --nproc_per_node N -m stages.train (gloo on CPU, NCCL on GPU),
+    with the weights replicated (train.parallel ddp) or sharded (fsdp).
     Exit codes: 0 done; 1 error (including train.max_nonfinite_steps non-finite steps in a row);
     130 stopped by Ctrl-C and 143 by SIGTERM, both after saving a checkpoint.
     """
@@ -131,8 +132,9 @@ def train(
         if resume is not None:
             trainer.resume(resume)
         metrics = _fit(trainer, run, tokens_dir)
+        trained = trainer.full_model()  # on every rank: under FSDP, a collective that gathers the shards to rank 0
         if distributed.is_main():
-            _save_outputs(model, metrics | {"parameters": counts}, run, params, model_dir, tokenizer_dir, reports_dir)
+            _save_outputs(trained, metrics | {"parameters": counts}, run, params, model_dir, tokenizer_dir, reports_dir)
 
 
 def _resume_point(checkpoint_dir: Path, fingerprint: dict[str, str], max_steps: int) -> ResumePoint | None:

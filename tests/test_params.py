@@ -34,6 +34,7 @@ def test_repository_params_are_valid():
         (dict(train={"lr": "fast"}), "train.lr"),
         (dict(train={"max_steps": 0}), "train.max_steps"),
         (dict(train={"dtype": "float8"}), "train.dtype"),
+        (dict(train={"parallel": "zero3"}), "train.parallel"),
         (dict(train={"min_lr": 1.0}), "train.min_lr"),
         (dict(train={"learning_rate": 1.0}), "train.learning_rate"),
         (dict(train={"seq_len": 4096}), "train.seq_len"),

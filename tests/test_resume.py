@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -11,17 +10,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from deepseek.checkpoint import find_resume_point, list_checkpoints
 
 from pipeline_utils import ROOT, set_params, stage_workspace
+from training_runs import assert_same_training, finish, kill_after, newest_step, results
 
 # Slow enough per step (a few tens of ms) that a kill lands between checkpoints.
 RESUME_PARAMS = {
@@ -37,71 +35,12 @@ RESUME_PARAMS = {
 }
 
 
-def train_process(path: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "PYTHONUNBUFFERED": "1",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{path / 'mlflow.db'}",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "stages.train"],
-        cwd=path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def newest_step(path: Path) -> int:
-    checkpoints = list_checkpoints(path / "model" / "checkpoints")
-    return int(checkpoints[-1].name.split("_")[1]) if checkpoints else 0
-
-
-def kill_after(path: Path, step: int, sig: int = signal.SIGKILL) -> subprocess.Popen:
-    process = train_process(path)
-    deadline = time.monotonic() + 120
-    while newest_step(path) < step:
-        assert process.poll() is None, f"training ended before step {step}:\n{process.stdout.read()}"
-        assert time.monotonic() < deadline, "training did not reach the step in time"
-        time.sleep(0.01)
-    process.send_signal(sig)
-    process.wait(timeout=120)
-    return process
-
-
-def finish(path: Path) -> str:
-    process = train_process(path)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output
-    return output
-
-
-def results(path: Path) -> tuple[dict, dict[str, torch.Tensor], list[dict]]:
-    metrics = json.loads((path / "reports" / "train_summary.json").read_text())
-    metrics.pop("tokens_per_s")
-    with open(path / "reports" / "train_log.csv", newline="") as f:
-        rows = [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in csv.DictReader(f)]
-    return metrics, load_file(path / "model" / "final" / "model.safetensors"), rows
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         path = stage_workspace(tmp_path_factory.mktemp("straight"), monkeypatch, **RESUME_PARAMS)
         finish(path)
         return results(path)
-
-
-def assert_same_training(path: Path, reference, logged_rows: int = 10) -> None:
-    metrics, weights, rows = results(path)
-    ref_metrics, ref_weights, ref_rows = reference
-    assert metrics == ref_metrics
-    assert rows == ref_rows and len(rows) == logged_rows  # every logged value but the throughput
-    assert weights.keys() == ref_weights.keys()
-    for name in weights:
-        assert torch.equal(weights[name], ref_weights[name]), name
 
 
 @pytest.mark.slow
