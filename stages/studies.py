@@ -58,6 +58,7 @@ class Study:
     seeds: list[int]
     metrics: dict[str, str]  # MLflow metric (or numeric tag) -> the report's column heading
     curves: list[str] = field(default_factory=list)  # metric histories the report plots by step
+    corpus: str = ""  # params.yaml's data.path: what every trial reads unless its cell sets data.path
 
     def trials(self) -> list[Trial]:
         """Every (cell, seed), cells in the file's order."""
@@ -103,6 +104,7 @@ def load_study(path: str | Path) -> Study:
             f"{path}: unknown key(s) {', '.join(unknown)}; known: title, description, params, cells, "
             "seeds, metrics, curves"
         )
+    base = read_params()
     study = Study(
         name=_name(path.stem, f"{path}: the file name"),
         title=str(values.get("title") or path.stem),
@@ -112,9 +114,10 @@ def load_study(path: str | Path) -> Study:
         seeds=_seeds(values.get("seeds"), path),
         metrics=_mapping_of_strings(values.get("metrics"), f"{path}: metrics"),
         curves=_list_of_strings(values.get("curves") or [], f"{path}: curves"),
+        corpus=str(base.get("data", {}).get("path", "")),
     )
     for trial in study.trials():
-        _check_params(trial, path)
+        _check_params(trial, base, path)
     return study
 
 
@@ -168,9 +171,10 @@ def _list_of_strings(values: Any, what: str) -> list[str]:
     return values
 
 
-def _check_params(trial: Trial, path: Path) -> None:
-    """The trial's params applied to params.yaml must pass the pipeline's own checks, before anything runs."""
-    values = copy.deepcopy(read_params())
+def _check_params(trial: Trial, base: dict[str, Any], path: Path) -> None:
+    """The trial's params applied to params.yaml's values (base) must pass the pipeline's own checks, before
+    anything runs."""
+    values = copy.deepcopy(base)
     for key, value in trial.params.items():
         section, _, name = key.partition(".")
         if name:

@@ -16,7 +16,6 @@ from deepseek.errors import UserError
 from deepseek.files import write_text
 from stages import figures
 from stages.options import report_user_errors
-from stages.params import read_params
 from stages.studies import (
     Study,
     Trial,
@@ -67,7 +66,7 @@ def run(study_path: Path, jobs: int, dry_run: bool) -> None:
         click.echo(f"  {trial.name}")
     if dry_run or not todo:
         return
-    seconds = _run_queue(todo, jobs)
+    seconds = _run_queue(todo, plan.corpus, jobs)
     now_done = complete_runs(plan, runs_of(plan))
     failed = [trial for trial in todo if trial not in now_done]
     tokens = sum(now_done[t].data.metrics.get("final.tokens", 0) for t in todo if t in now_done)
@@ -82,12 +81,13 @@ def run(study_path: Path, jobs: int, dry_run: bool) -> None:
         )
 
 
-def _run_queue(trials: list[Trial], jobs: int) -> float:
-    """Queue the trials and run DVC's queue, jobs at a time; returns the seconds it took."""
+def _run_queue(trials: list[Trial], default_corpus: str, jobs: int) -> float:
+    """Queue the trials (default_corpus: the data.path of those that set none) and run DVC's queue, jobs at a
+    time; returns the seconds it took."""
     from dvc.exceptions import DvcException
 
     try:
-        _queue(trials)
+        _queue(trials, default_corpus)
     except DvcException as error:  # not a DVC repository, no commit yet, ...
         raise UserError(f"dvc cannot queue experiments here: {error}; run from the project's root") from None
     started = time.monotonic()
@@ -95,15 +95,15 @@ def _run_queue(trials: list[Trial], jobs: int) -> float:
     return time.monotonic() - started
 
 
-def _queue(trials: list[Trial]) -> None:
-    """`dvc exp run --queue` each trial, unless DVC has it queued or running already."""
+def _queue(trials: list[Trial], default_corpus: str) -> None:
+    """`dvc exp run --queue` each trial, unless DVC has it queued or running already. default_corpus: the
+    data.path of the trials that set none."""
     from dvc.repo import Repo
 
     with Repo() as repo:
         queue = repo.experiments.celery_queue
         pending = {entry.name for entry in chain(queue.iter_queued(), queue.iter_active())}
         existing = {name for name, _ in repo.experiments.ls().get(repo.scm.get_rev(), [])}
-    default_corpus = read_params().get("data", {}).get("path", "")
     for trial in trials:
         if trial.name in pending:
             continue
