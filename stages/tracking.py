@@ -123,12 +123,31 @@ def _fluent_tracking_uri() -> Iterator[None]:
 
 
 def experiment_id(mlflow_client: MlflowClient) -> str:
-    with _store_lock():
-        found = _retry(lambda: mlflow_client.get_experiment_by_name(EXPERIMENT))
+    """The experiment's id, creating the experiment if no one has yet.
+
+    Two trainings starting at once on a server (which our lock does not cover) may both find no experiment; the
+    second to create it gets RESOURCE_ALREADY_EXISTS, and takes the one the first created.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    def get_or_create() -> str:
+        found = mlflow_client.get_experiment_by_name(EXPERIMENT)
         if found is not None:
             return found.experiment_id
         location = artifact_root() if _local_store() else None
-        return _retry(lambda: mlflow_client.create_experiment(EXPERIMENT, artifact_location=location))
+        try:
+            return mlflow_client.create_experiment(EXPERIMENT, artifact_location=location)
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            found = mlflow_client.get_experiment_by_name(EXPERIMENT)  # created by the other training meanwhile
+            if found is None:
+                raise
+            return found.experiment_id
+
+    with _store_lock():
+        return _retry(get_or_create)
 
 
 def git_state() -> dict[str, str]:

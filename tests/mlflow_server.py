@@ -23,10 +23,12 @@ SERVER_START_TIMEOUT = 120  # seconds; the server needs ~25 s to come up on two 
 class MlflowServer:
     """A `mlflow server` subprocess in its own process group (it forks uvicorn and a job runner)."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, backend_uri: str | None = None) -> None:
+        """store_dir holds the served artifacts and the log; the runs go to backend_uri (a database URI, such as
+        postgresql+psycopg2://USER@HOST:PORT/DB), by default a SQLite file in store_dir."""
         self.store_dir, self.port = store_dir, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.backend_uri = f"sqlite:///{store_dir / 'mlflow.db'}"
+        self.backend_uri = backend_uri or f"sqlite:///{store_dir / 'mlflow.db'}"
         self.log_path = store_dir / "server.log"
         self.process: subprocess.Popen | None = None
 
@@ -50,7 +52,13 @@ class MlflowServer:
             "--artifacts-destination",
             str(self.store_dir / "artifacts"),
         ]
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}  # the server phones nobody from a test
+        env = {
+            **os.environ,
+            "MLFLOW_DISABLE_TELEMETRY": "true",  # the server phones nobody from a test
+            # No job runner: its seven huey consumers (GenAI scoring, trace archival: nothing the pipeline uses) are
+            # more Python processes on the busy cores, and they take seconds to stop.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 args,
@@ -119,8 +127,8 @@ class MlflowServer:
 
 
 @contextmanager
-def mlflow_server(store_dir: Path) -> Iterator[MlflowServer]:
-    server = MlflowServer(store_dir)
+def mlflow_server(store_dir: Path, backend_uri: str | None = None) -> Iterator[MlflowServer]:
+    server = MlflowServer(store_dir, backend_uri=backend_uri)
     try:
         yield server.start()
     finally:

@@ -28,7 +28,7 @@ from pipeline_utils import ROOT, free_port, make_pipeline_repo, pipeline_env, ti
 from pipeline_utils import run as git_run
 
 README = ROOT / "README.md"
-# In the order a reader meets them: the README first; the benchmarks last, since they only read.
+# In the order a reader meets them: the README first, then the pages.
 DOC_FILES = [
     README,
     *(
@@ -37,6 +37,7 @@ DOC_FILES = [
     ),
     ROOT / "docs" / "studies" / "README.md",
     ROOT / "benchmarks" / "README.md",
+    ROOT / "docs" / "team.md",  # last: it applies an experiment to the workspace
 ]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes; the tiny preset, seconds
