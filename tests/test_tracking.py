@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import mlflow
@@ -17,40 +16,6 @@ import yaml
 from deepseek.checkpoint import load_model
 from stages.params import load_yaml
 from stages.tracking import EXPERIMENT, flatten
-
-from pipeline_utils import make_pipeline_repo, run
-
-
-def wait_for_queue(repo: Path, timeout_s: float = 900) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = run(["dvc", "queue", "status"], repo).stdout
-        if "Queued" not in status and "Running" not in status:
-            return status
-        time.sleep(3)
-    raise AssertionError(f"queued experiments still running after {timeout_s} s:\n{status}")
-
-
-@pytest.fixture(scope="module")
-def tracked_repo(tmp_path_factory) -> Path:
-    """dvc repro, one dvc exp run, and three queued experiments run two at a time, as the README shows them:
-    exponent learning rates, and a model field set with -S from the committed params."""
-    repo = make_pipeline_repo(tmp_path_factory.mktemp("tracked"))
-    run(["dvc", "repro"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "baseline results"], repo)
-    run(["dvc", "exp", "run", "-n", "lr-3e-5", "-S", "train.lr=3e-5", "-S", "train.min_lr=3e-6"], repo)
-    run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo)  # queue from the committed params
-    for lr in ("0.001", "0.0015"):
-        run(["dvc", "exp", "run", "--queue", "-n", f"queued-{lr}", "-S", f"train.lr={lr}"], repo)
-    run(["dvc", "exp", "run", "--queue", "-n", "layers-3", "-S", "model.num_layers=3"], repo)
-    run(["dvc", "queue", "start", "-j", "2"], repo)
-    status = wait_for_queue(repo)
-    assert status.count("Success") == 3, status
-    run(["dvc", "queue", "stop"], repo, check=False)
-    run(["git", "checkout", "-q", "--", "."], repo)  # back to the baseline's outputs
-    run(["dvc", "checkout", "-q"], repo)
-    return repo
 
 
 def store(repo: Path) -> mlflow.MlflowClient:
