@@ -43,7 +43,7 @@ def shard(model: DeepSeekLM, compute_dtype: torch.dtype | None = None) -> None:
     """Shard model in place across the ranks, block by block and then as a whole. compute_dtype: the dtype the
     gathered weights compute in (bf16 on GPU), with gradients reduced in float32 and weights kept in float32."""
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
-    for block in [*model.layers, *getattr(model, "mtp", [])]:
+    for block in [*model.layers, *model.mtp]:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
 

@@ -81,8 +81,8 @@ def _store_lock() -> Iterator[None]:
 
 
 # What parallel runs sharing a store may briefly hit: SQLite's one writer at a time, and two runs creating the same
-# dataset row at once (MLflow checks, then inserts); the next attempt finds the row.
-TRANSIENT = ("locked", "UNIQUE constraint failed", "duplicate key value")
+# row at once (a dataset, the experiment: MLflow checks, then inserts); the next attempt finds the row.
+TRANSIENT = ("locked", "UNIQUE constraint failed", "duplicate key value", "already exists")
 
 
 def _retry(call: Callable[[], T], attempts: int = 5) -> T:
@@ -123,28 +123,16 @@ def _fluent_tracking_uri() -> Iterator[None]:
 
 
 def experiment_id(mlflow_client: MlflowClient) -> str:
-    """The experiment's id, creating the experiment if no one has yet.
-
-    Two trainings starting at once on a server (which our lock does not cover) may both find no experiment; the
-    second to create it gets RESOURCE_ALREADY_EXISTS, and takes the one the first created.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+    """The experiment's id, creating the experiment if no one has yet. Two trainings starting at once on a server
+    (which our lock does not cover) may both find none; the second one's create is refused as already existing,
+    and its retry finds the first one's."""
 
     def get_or_create() -> str:
         found = mlflow_client.get_experiment_by_name(EXPERIMENT)
         if found is not None:
             return found.experiment_id
         location = artifact_root() if _local_store() else None
-        try:
-            return mlflow_client.create_experiment(EXPERIMENT, artifact_location=location)
-        except MlflowException as error:
-            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-                raise
-            found = mlflow_client.get_experiment_by_name(EXPERIMENT)  # created by the other training meanwhile
-            if found is None:
-                raise
-            return found.experiment_id
+        return mlflow_client.create_experiment(EXPERIMENT, artifact_location=location)
 
     with _store_lock():
         return _retry(get_or_create)
