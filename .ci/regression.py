@@ -1,8 +1,9 @@
 """The CI regression gate: train the CI profile, compare with the committed baseline, print one table.
 
 `python .ci/regression.py check` fails (exit 1) when validation bits per character, global MaxVio
-or relative training throughput regress beyond .ci/tolerances.yaml, or when dvc.lock is out of date
-with the code and params. `python .ci/regression.py update-baseline` records a new baseline.
+or relative training throughput regress beyond .ci/tolerances.yaml, when the precision train.dtype picks
+trains slower than the other one on this machine, or when dvc.lock is out of date with the code and params.
+`python .ci/regression.py update-baseline` records a new baseline.
 """
 
 from __future__ import annotations
@@ -123,35 +124,76 @@ def _training_step(
     return step
 
 
-def interleaved_throughput(
-    config: ModelConfig, train: TrainConfig, dtype: torch.dtype, rounds: int = 30, warmup: int = 3
-) -> list[float]:
-    """Our training step's speed over ReferenceLM's, once per round of one step each, alternating which goes first.
-
-    Both see the same batch of train.micro_batch_size x train.seq_len tokens, in dtype (what train.dtype
-    resolves to on this machine, the precision the pipeline trains in). Load from other processes
-    slows both steps of a round alike, so it cancels in the round's ratio; the median over rounds is robust
-    to the rounds it does not.
-    """
+def our_step(config: ModelConfig, train: TrainConfig, ids: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
+    """A training step of a fresh DeepSeekLM of config (seeded, so every call builds the same weights)."""
     torch.manual_seed(0)
-    ours = DeepSeekLM(config)
-    reference = ReferenceLM(vocab=config.vocab_size)
-    ids = torch.randint(0, config.vocab_size, (train.micro_batch_size, train.seq_len + 1))
-    our_step = _training_step(ours, build_optimizer(ours, train), ids, dtype, train.mtp_loss_weight)
-    reference_optimizer = torch.optim.AdamW(reference.parameters(), fused=True)
-    reference_step = _training_step(reference, reference_optimizer, ids, dtype, mtp_loss_weight=0.0)
+    model = DeepSeekLM(config)
+    return _training_step(model, build_optimizer(model, train), ids, dtype, train.mtp_loss_weight)
+
+
+def reference_step(vocab_size: int, ids: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
+    torch.manual_seed(0)
+    model = ReferenceLM(vocab=vocab_size)
+    return _training_step(model, torch.optim.AdamW(model.parameters(), fused=True), ids, dtype, mtp_loss_weight=0.0)
+
+
+def interleaved_speed_ratios(
+    step: Callable[[], None], against: Callable[[], None], rounds: int = 30, warmup: int = 3
+) -> list[float]:
+    """step's speed over against's, once per round of one step each, alternating which goes first.
+
+    Load from other processes slows both steps of a round alike, so it cancels in the round's ratio; the median
+    over rounds is robust to the rounds it does not.
+    """
     for _ in range(warmup):
-        our_step()
-        reference_step()
+        step()
+        against()
     ratios = []
     for round_ in range(rounds):
         seconds = {}
-        for name, step in (("ours", our_step), ("reference", reference_step))[:: 1 if round_ % 2 else -1]:
+        for name, run in (("step", step), ("against", against))[:: 1 if round_ % 2 else -1]:
             start = time.perf_counter()
-            step()
+            run()
             seconds[name] = time.perf_counter() - start
-        ratios.append(seconds["reference"] / seconds["ours"])
+        ratios.append(seconds["against"] / seconds["step"])
     return ratios
+
+
+def the_other_precision(dtype: torch.dtype) -> torch.dtype:
+    """What the precision check races against: float32 for a reduced precision, bf16 for float32."""
+    return torch.bfloat16 if dtype == torch.float32 else torch.float32
+
+
+@dataclass
+class Spread:
+    """The median of per-round speed ratios, and how far they spread."""
+
+    name: str
+    ratios: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios)
+
+    def __str__(self) -> str:
+        deciles = statistics.quantiles(self.ratios, n=10)
+        return (
+            f"{self.name}: median {self.median:.3f} of {len(self.ratios)} interleaved rounds; 10th-90th "
+            f"percentile {deciles[0]:.3f}-{deciles[-1]:.3f}, min {min(self.ratios):.3f}, max {max(self.ratios):.3f}"
+        )
+
+
+def precision_row(picked: torch.dtype, other: torch.dtype, spread: Spread, min_speedup: float) -> Row:
+    """The precision train.dtype resolves to must train at least min_speedup times as fast as the other one
+    (min_speedup just under 1: the noise of the interleaved timing)."""
+    names = [describe_precision(dtype).split()[0] for dtype in (picked, other)]
+    return Row(
+        "training precision is the faster",
+        f"{names[0]} picked",
+        f"{spread.median:.3f}x {names[1]}",
+        f">= {min_speedup:.2f}x (train.dtype: auto must not pick the slower)",
+        spread.median >= min_speedup,
+    )
 
 
 # --- running the CI profile -----------------------------------------------------------------------------------
@@ -233,27 +275,36 @@ def run_profile(workdir: Path, params: dict[str, Any], baseline: dict[str, Any] 
 
 
 def measure(workdir: Path, params: dict[str, Any], baseline: dict[str, Any] | None, rounds: int) -> dict[str, Any]:
-    """The gate's metrics for params: quality from the pipeline, then throughput timed against the reference."""
+    """The gate's metrics for params: quality from the pipeline, then throughput timed against the reference and
+    the precision train.dtype picks timed against the other one, each in interleaved rounds in this process."""
     result = run_profile(workdir, params, baseline)
     parsed = parse_params(params)
+    config = parsed.model.config(result["vocab_size"])
     dtype = resolve_dtype(parsed.train.dtype, CPU)
-    click.echo(
-        f"timing {rounds} interleaved rounds of our training step and the reference's, {describe_precision(dtype)} ..."
-    )
-    ratios = interleaved_throughput(parsed.model.config(result["vocab_size"]), parsed.train, dtype, rounds)
+    other = the_other_precision(dtype)
+    torch.manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (parsed.train.micro_batch_size, parsed.train.seq_len + 1))
+    ours = our_step(config, parsed.train, ids, dtype)
+    click.echo(f"timing {rounds} interleaved rounds of our step and the reference's, {describe_precision(dtype)} ...")
+    reference = reference_step(config.vocab_size, ids, dtype)
+    throughput = Spread("relative throughput", interleaved_speed_ratios(ours, reference, rounds))
+    click.echo(f"timing {rounds} interleaved rounds of our step in {dtype_name(dtype)} and in {dtype_name(other)} ...")
+    in_other = our_step(config, parsed.train, ids, other)
+    precision_ratios = interleaved_speed_ratios(ours, in_other, rounds)
+    precision = Spread(f"{dtype_name(dtype)} over {dtype_name(other)}", precision_ratios)
     val = result["reports"]["metrics.json"]["val"]
     result["metrics"] = {
         "bits_per_character": val["bits_per_character"],
         "max_vio": val["max_vio"],
-        "relative_throughput": statistics.median(ratios),
+        "relative_throughput": throughput.median,
     }
-    deciles = statistics.quantiles(ratios, n=10)
-    result["throughput_spread"] = (
-        f"relative throughput: median {statistics.median(ratios):.3f} of {rounds} "
-        f"interleaved rounds; 10th-90th percentile {deciles[0]:.3f}-{deciles[-1]:.3f}, "
-        f"min {min(ratios):.3f}, max {max(ratios):.3f}"
-    )
+    result["precision"] = (dtype, other, precision)
+    result["throughput_spread"] = f"{throughput}\n{precision}"
     return result
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # --- comparing --------------------------------------------------------------------------------------------------
@@ -364,7 +415,10 @@ def check(
         stale = [] if no_lock_check else lock_status(workdir)
         params = profile_params(workdir, repo / profile, _parse_overrides(overrides))
         result = measure(workdir, params, baseline, rounds)
-    rows = compare(baseline["metrics"], result["metrics"], load_yaml((repo / tolerances).read_text()))
+    limits = load_yaml((repo / tolerances).read_text())
+    precision_limit = limits.pop("precision")
+    rows = compare(baseline["metrics"], result["metrics"], limits)
+    rows.append(precision_row(*result["precision"], precision_limit["min_speedup"]))
     if not no_lock_check:
         rows.append(
             Row(

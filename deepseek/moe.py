@@ -97,6 +97,48 @@ def _grouped_mm_outside_compile(x: torch.Tensor, weight: torch.Tensor, ends: tor
     return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
 
 
+# On CPU, torch's bf16 (and fp16) matmuls run oneDNN kernels generated for each new shape, then cached: on a Xeon
+# with AMX a new shape cost about 1 ms against 0.1 ms for a known one (float32 has no such cost). The experts'
+# token counts change every step, so unpadded groups brought new shapes every step, and a bf16 training step took
+# 2.4 times a float32 one (docs/benchmarks.md). Padding each group to a multiple of a row block bounds the shapes.
+MAX_ROW_BLOCK = 64
+PADDING_SHARE = 16  # the padding rows are at most about 1/PADDING_SHARE of the routed rows
+
+
+def row_block(rows: int, num_experts: int, x: torch.Tensor) -> int:
+    """The multiple each expert's rows are padded to for x (the sorted expert inputs): a power of two up to
+    MAX_ROW_BLOCK, small enough that padding stays a small share of the rows, so decoding's few rows are not
+    padded. 1 (no padding) in float32, whose kernels are not made per shape, and off the CPU, where the grouped
+    GEMM is one kernel whatever the counts."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+        return 1
+    limit = min(MAX_ROW_BLOCK, rows // (PADDING_SHARE * num_experts))
+    return 1 << (limit.bit_length() - 1) if limit > 0 else 1
+
+
+@dataclass
+class PaddedLayout:
+    """Where each expert's rows go when every group is padded with zero rows to a multiple of block."""
+
+    positions: torch.Tensor  # (rows,) each row's place in the padded layout, rows sorted by expert
+    ends: torch.Tensor  # (num_experts,) int32: where each expert's padded group ends
+    capacity: int  # padded rows in all: fixed by the row count, so the total shape never changes either
+
+    @classmethod
+    def of(cls, experts: torch.Tensor, counts: torch.Tensor, block: int) -> PaddedLayout:
+        """experts: each row's expert, sorted; counts: rows per expert."""
+        rows, num_experts = len(experts), len(counts)
+        padded_counts = (counts + block - 1) // block * block
+        padded_ends = padded_counts.cumsum(dim=0)
+        rank = torch.arange(rows, device=experts.device) - (counts.cumsum(dim=0) - counts)[experts]
+        positions = (padded_ends - padded_counts)[experts] + rank
+        # The last expert's group runs to the fixed capacity; the zero rows past its padded end change nothing.
+        capacity = -(-(rows + num_experts * (block - 1)) // block) * block
+        ends = padded_ends.to(torch.int32)
+        ends[-1] = capacity
+        return cls(positions, ends, capacity)
+
+
 class RoutedExperts(nn.Module):
     """num_experts SwiGLU experts whose weights are stacked, so dispatch is a sort and two grouped matmuls."""
 
@@ -109,16 +151,24 @@ class RoutedExperts(nn.Module):
         """x: (tokens, dim); counts: tokens per expert. Returns the weighted sum of each token's experts."""
         tokens, k = routing.indices.shape
         # Sort the (token, slot) assignments by expert so each expert sees one contiguous slice.
-        order = routing.indices.flatten().argsort(stable=True)
-        ends = counts.cumsum(dim=0, dtype=torch.int32)
+        experts, order = routing.indices.flatten().sort(stable=True)
         # index_select, not x[...]: its backward is an index_add, several times faster than advanced indexing's.
         sorted_inputs = x.index_select(0, order // k)
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware: cast as F.linear would
             sorted_inputs = sorted_inputs.to(torch.get_autocast_dtype(x.device.type))
+        block = row_block(len(experts), len(counts), sorted_inputs)
+        if block > 1:  # zero rows in, zero rows out: they add nothing to any output or gradient
+            layout = PaddedLayout.of(experts, counts, block)
+            padding = sorted_inputs.new_zeros(layout.capacity, sorted_inputs.shape[1])
+            sorted_inputs, ends = padding.index_copy(0, layout.positions, sorted_inputs), layout.ends
+        else:
+            ends = counts.cumsum(dim=0, dtype=torch.int32)
         grouped = all(grouped_mm_supported(sorted_inputs, w) for w in (self.gate_up_proj, self.down_proj))
-        sizes = None if grouped else counts.tolist()  # the fallback's one host sync per layer
+        sizes = None if grouped else ends.diff(prepend=ends.new_zeros(1)).tolist()  # the fallback's one host sync
         gate, up = grouped_linear(sorted_inputs, self.gate_up_proj, ends, sizes).chunk(2, dim=-1)
         sorted_outputs = grouped_linear(F.silu(gate) * up, self.down_proj, ends, sizes)
+        if block > 1:
+            sorted_outputs = sorted_outputs.index_select(0, layout.positions)
         outputs = torch.empty_like(sorted_outputs).index_copy_(0, order, sorted_outputs)
         weights = routing.weights.type_as(outputs).unsqueeze(-1)
         return (outputs.view(tokens, k, -1) * weights).sum(dim=1)

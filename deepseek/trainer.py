@@ -34,7 +34,7 @@ from deepseek.balance import max_violation
 from deepseek.batches import check_token_ids, training_batches
 from deepseek.checkpoint import ResumePoint, checkpoint_path, save_checkpoint
 from deepseek.config import TrainConfig
-from deepseek.cpu import CoreShare, fast_bf16, keep_freed_memory
+from deepseek.cpu import CoreShare, fast_bf16, keep_freed_memory, native_bf16_units
 from deepseek.errors import UserError
 from deepseek.evaluation import autocast, evaluate
 from deepseek.files import write_text
@@ -403,8 +403,7 @@ class Trainer:
         and stopping."""
         c, done = self.config, self.step
         last = done == c.max_steps
-        if done % c.log_interval == 0:
-            self._size_thread_pool()
+        self._size_thread_pool()  # cheap: the load is read again only once its window has passed
         if (done % c.log_interval == 0 or last) and self.window.scored:
             self._log_window(result, progress)
         # Every forward through sharded weights is a collective, so under FSDP every rank evaluates and samples.
@@ -435,12 +434,12 @@ class Trainer:
             )
 
     def _size_thread_pool(self) -> None:
-        """train.threads N: N threads. 0 on CPU: the cores divided among the trainings running now."""
+        """train.threads N: N threads. 0 on CPU: the cores other programs leave free, divided among the trainings
+        running now."""
         if self.config.threads:
             wanted, why = self.config.threads, "train.threads"
         elif self.core_share is not None:
-            trainings, cores = self.core_share.trainings(), self.core_share.cores
-            wanted, why = max(1, cores // trainings), f"{trainings} trainings share {cores} cores"
+            wanted, why = self.core_share.threads()
         else:
             return
         if wanted != torch.get_num_threads():
@@ -572,6 +571,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if fast_bf16() else torch.float32
     dtype: torch.dtype = getattr(torch, name)
     return dtype
+
+
+def precision_reason(name: str, device: torch.device) -> str:
+    """Why training runs in resolve_dtype(name, device), for the log and the tracking server."""
+    if name != "auto":
+        return f"train.dtype {name}"
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+        return f"train.dtype auto: this GPU {'computes' if supported else 'has no'} bf16"
+    units = native_bf16_units()
+    if units:
+        return f"train.dtype auto: this CPU multiplies bf16 natively ({', '.join(units)})"
+    return "train.dtype auto: this CPU has no native bf16 (AMX-BF16 or AVX512-BF16), which float32 outruns"
 
 
 def describe_precision(dtype: torch.dtype) -> str:

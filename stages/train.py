@@ -37,6 +37,7 @@ from deepseek.trainer import (
     TrainingStopped,
     TrainOutputs,
     describe_precision,
+    precision_reason,
     resolve_device,
     resolve_dtype,
     seed_everything,
@@ -101,10 +102,11 @@ def train(
     counts = model.parameter_counts()
     device = resolve_device(params.train.device)
     precision = describe_precision(resolve_dtype(params.train.dtype, device))
+    reason = precision_reason(params.train.dtype, device)
     click.echo(
         f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token; "
-        f"{params.train.max_steps} steps of {params.train.tokens_per_step:,} tokens; {precision} on {device.type}"
-        + (" (train.dtype auto)" if params.train.dtype == "auto" else "")
+        f"{params.train.max_steps} steps of {params.train.tokens_per_step:,} tokens; {precision} on {device.type} "
+        f"({reason})"
     )
     # What the trained weights depend on; a checkpoint resumes only onto the same (stages/code.py: "code").
     fingerprint = {
@@ -249,6 +251,7 @@ def _run_tags(
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
         "train.precision": precision,
+        "train.precision_reason": precision_reason(params.train.dtype, device),  # what auto saw on this machine
         "train.device": device.type,
         "machine": describe_machine(device, threads=False),  # train.threads may change them while it runs
     }

@@ -18,21 +18,26 @@ from pipeline_utils import ROOT, tiny_corpus
 
 
 @pytest.fixture
-def run(monkeypatch, tmp_path):
-    """Run a benchmark script's command on the CPU; returns its Markdown tables (as cells) and its JSON tables."""
+def command(monkeypatch):
+    """A benchmark script's click command, by module name; torch's thread count is restored afterwards."""
     monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ sits beside the package, not inside the installed one
     threads = torch.get_num_threads()
+    yield lambda script: importlib.import_module(f"benchmarks.{script}").main
+    torch.set_num_threads(threads)  # --threads changed it for the whole test process
+
+
+@pytest.fixture
+def run(command, tmp_path):
+    """Run a benchmark script's command on the CPU; returns its Markdown tables (as cells) and its JSON tables."""
 
     def invoke(script: str, *args: str) -> tuple[list[list[list[str]]], dict]:
-        module = importlib.import_module(f"benchmarks.{script}")
         out = tmp_path / f"{script}.json"
         # One thread: a CI machine's cores may be busy, and OpenMP threads that wait on each other crawl.
-        result = CliRunner().invoke(module.main, [*args, "--device", "cpu", "--threads", "1", "--json", str(out)])
+        result = CliRunner().invoke(command(script), [*args, "--device", "cpu", "--threads", "1", "--json", str(out)])
         assert result.exit_code == 0, result.output
         return markdown_tables(result.stdout), json.loads(out.read_text())["tables"]
 
-    yield invoke
-    torch.set_num_threads(threads)  # --threads changed it for the whole test process
+    return invoke
 
 
 def markdown_tables(text: str) -> list[list[list[str]]]:
@@ -151,3 +156,47 @@ def test_speculative_decodes_a_trained_model_three_ways(run, tmp_path):
     assert header == COLUMNS and [row[0] for row in rows] == [PLAIN, SPECULATIVE, THEIRS]
     speculative = data["decoding"][1]
     assert speculative["same tokens as plain"] == "yes" and speculative["tok/s"] > 0
+
+
+def test_gpu_check_dry_run_passes_every_check(command, tmp_path):
+    """The GPU check's seven checks, on the CPU with the tiny preset (a few seconds): each has a row, all pass."""
+    from benchmarks.gpu_check import CHECKS, COLUMNS
+
+    out = tmp_path / "gpu_check.json"
+    result = CliRunner().invoke(command("gpu_check"), ["--dry-run", "--threads", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    [[header, *rows]] = markdown_tables(result.stdout)
+    assert header == COLUMNS
+    assert {row[0].split(".")[0] for row in rows} == {str(number) for number in range(1, len(CHECKS) + 1)}
+    assert {row[-1] for row in rows} == {"PASS"}, rows
+    assert json.loads(out.read_text())["tables"]["checks"] == [dict(zip(COLUMNS, row, strict=True)) for row in rows]
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line(command):
+    from benchmarks.gpu_check import NO_CUDA
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the check would run")
+    result = CliRunner().invoke(command("gpu_check"), [])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [f"Error: {NO_CUDA}"]
+
+
+def test_expert_shapes_times_both_precisions_padded_and_unpadded(command, tmp_path):
+    from benchmarks.expert_shapes import LAYER_COLUMNS, MATMUL_COLUMNS
+
+    out = tmp_path / "expert_shapes.json"
+    args = ["--preset", "tiny", "--tokens", "256", "--steps", "2", "--matmuls", "4", "--threads", "1"]
+    result = CliRunner().invoke(command("expert_shapes"), [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    [matmuls, layers] = markdown_tables(result.stdout)
+    assert matmuls[0] == MATMUL_COLUMNS and [row[0] for row in matmuls[1:]] == ["float32", "bfloat16"]
+    assert layers[0] == LAYER_COLUMNS
+    # 256 tokens, top-2 of the tiny preset's 4 experts: 512 rows, padded to multiples of 8 in bf16 only
+    assert [(row[0], row[2]) for row in layers[1:]] == [
+        ("float32", "1 (unpadded, the model's)"),
+        ("bfloat16", "8 (the model's)"),
+        ("bfloat16", "1 (unpadded)"),
+    ]
+    data = json.loads(out.read_text())["tables"]
+    assert all(row["ms per step"] > 0 and row["distinct group sizes"] >= 1 for row in data["moe_layer"])

@@ -41,11 +41,15 @@ DOC_FILES = [
     ROOT / "docs" / "team.md",  # last: it applies an experiment to the workspace
 ]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
-BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes; the tiny preset, seconds
-    "train_throughput": "--preset tiny --batch-size 2 --seq-len 16 --steps 1 --warmup 0",
-    "generation": "--preset tiny --contexts 8,32 --new-tokens 4 --no-cache-max-context 8 --repeats 1",
-    "memory": "--preset tiny --batch-size 2 --seq-len 16 --context 16 --new-tokens 4",
-    "speculative": "--preset tiny --contexts 8,16 --new-tokens 4 --repeats 1",
+BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes (or a GPU); the tiny preset, seconds, one thread
+    "train_throughput": "--preset tiny --batch-size 2 --seq-len 16 --steps 1 --warmup 0 --device cpu --threads 1",
+    "generation": "--preset tiny --contexts 8,32 --new-tokens 4 --no-cache-max-context 8 --repeats 1 --device cpu "
+    "--threads 1",
+    "memory": "--preset tiny --batch-size 2 --seq-len 16 --context 16 --new-tokens 4 --device cpu --threads 1",
+    "speculative": "--preset tiny --contexts 8,16 --new-tokens 4 --repeats 1 --device cpu --threads 1",
+    "expert_shapes": "--preset tiny --tokens 256 --steps 2 --matmuls 4 --threads 1",  # CPU only: oneDNN's shapes
+    "gpu_check": "--dry-run --threads 1",
+    "busy_machine": "--preset tiny --seq-len 32 --steps 11",  # its trainings choose their threads themselves
 }
 
 
@@ -170,7 +174,7 @@ class DocRunner:
         if code.startswith("deepseek study"):  # a real study is hours of training; this one, one tiny run
             code = re.sub(r"docs/studies/[\w-]+\.yaml", str(self.tiny_study), code)
         if match := re.match(r"python -m benchmarks\.(\w+)", code):
-            code += f" {BENCHMARK_TINY_ARGS[match.group(1)]} --device cpu --threads 1"
+            code += f" {BENCHMARK_TINY_ARGS[match.group(1)]}"
         return code
 
     def run(self, command: Command) -> None:

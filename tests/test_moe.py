@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deepseek import moe as moe_module
 from deepseek.config import ModelConfig
 from deepseek.moe import MoE
 
@@ -141,8 +142,6 @@ def test_sequence_aux_loss_matches_formula():
 
 @pytest.mark.parametrize("dim, grouped", [(8, True), (6, False)])  # 6 floats: rows grouped_mm cannot take
 def test_grouped_linear_matches_a_matmul_per_expert_with_empty_experts(dim, grouped):
-    from deepseek import moe as moe_module
-
     torch.manual_seed(0)
     counts = torch.tensor([3, 0, 5, 0, 1])  # experts 1 and 3 get no tokens
     x = torch.randn(int(counts.sum()), dim, requires_grad=True)
@@ -158,3 +157,57 @@ def test_grouped_linear_matches_a_matmul_per_expert_with_empty_experts(dim, grou
     want = torch.autograd.grad(expected, (x, weight), grad)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+def test_row_block_pads_only_reduced_precision_on_cpu_and_only_many_rows():
+    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    assert moe_module.row_block(4096, 8, bf16) == 32  # the default training step: 16 x 128 tokens, top-2 of 8
+    assert moe_module.row_block(10**6, 8, bf16) == moe_module.MAX_ROW_BLOCK
+    assert moe_module.row_block(2, 8, bf16) == 1  # decoding one token: nothing to pad
+    assert moe_module.row_block(4096, 8, fp32) == 1  # float32 kernels are not made per shape
+
+
+def test_padded_layout_puts_each_expert_on_block_boundaries_within_a_fixed_capacity():
+    counts = torch.tensor([5, 0, 17, 1])
+    experts = torch.repeat_interleave(torch.arange(4), counts)
+    layout = moe_module.PaddedLayout.of(experts, counts, block=8)
+    assert layout.capacity == 56  # 23 rows + 4 x 7 at most, in whole blocks: the same for any counts summing to 23
+    assert layout.ends.tolist() == [8, 8, 32, 56]  # the last group runs to the capacity
+    assert layout.positions.tolist() == [*range(5), *range(8, 25), 32]
+    sizes = layout.ends.diff(prepend=layout.ends.new_zeros(1))
+    assert all(size % 8 == 0 for size in sizes.tolist())
+
+
+def test_expert_group_shapes_are_bounded_however_the_routing_changes():
+    torch.manual_seed(0)
+    rows, num_experts, block = 4096, 8, 32
+    seen = set()
+    for _ in range(200):  # routings from balanced to very skewed, as training moves the router
+        skew = torch.rand(num_experts) ** torch.randint(1, 8, ()).item()
+        experts = torch.multinomial(skew / skew.sum(), rows, replacement=True).sort().values
+        counts = torch.bincount(experts, minlength=num_experts)
+        layout = moe_module.PaddedLayout.of(experts, counts, block)
+        seen |= set(layout.ends.diff(prepend=layout.ends.new_zeros(1)).tolist())
+    assert all(size % block == 0 for size in seen)
+    assert len(seen) <= layout.capacity // block + 1  # unpadded, nearly every step brings new counts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_padded_experts_give_the_unpadded_outputs_and_gradients(monkeypatch, dtype):
+    config = ModelConfig.from_preset("tiny", num_routed_experts=4, moe_intermediate_size=16)
+    x = torch.randn(64, 32, config.hidden_size)  # 4,096 routed rows: padded to multiples of 32 rows
+    results = []
+    for block in (1, moe_module.MAX_ROW_BLOCK):
+        monkeypatch.setattr(moe_module, "MAX_ROW_BLOCK", block)
+        torch.manual_seed(0)
+        moe = MoE(config)
+        for p in moe.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            out, _, _ = moe(inputs)
+        out.float().square().sum().backward()
+        results.append([out, inputs.grad, *(p.grad for p in moe.parameters())])
+    assert moe_module.row_block(64 * 32 * 2, 4, torch.zeros(1, dtype=dtype)) > 1
+    for unpadded, padded in zip(*results, strict=True):
+        torch.testing.assert_close(padded, unpadded, atol=1e-2, rtol=1e-2)

@@ -12,10 +12,10 @@ import torch
 
 from deepseek.checkpoint import checkpoint_path, find_resume_point
 from deepseek.config import ModelConfig, TrainConfig
-from deepseek.cpu import fast_bf16
+from deepseek.cpu import fast_bf16, native_bf16_units
 from deepseek.evaluation import autocast
 from deepseek.model import DeepSeekLM
-from deepseek.trainer import Trainer, TrainOutputs, describe_precision, resolve_dtype
+from deepseek.trainer import Trainer, TrainOutputs, describe_precision, precision_reason, resolve_dtype
 
 from conftest import randomized
 
@@ -135,7 +135,19 @@ def test_auto_precision_is_bf16_exactly_on_cpus_with_native_bf16(monkeypatch):
     assert describe_precision(torch.bfloat16).startswith("bfloat16 autocast over float32 weights")
 
 
+def test_the_precision_reason_names_the_setting_or_the_cpu_units_auto_saw(monkeypatch):
+    monkeypatch.setattr("deepseek.trainer.native_bf16_units", lambda: ["AMX-BF16", "AVX512-BF16"])
+    assert (
+        precision_reason("auto", CPU) == "train.dtype auto: this CPU multiplies bf16 natively (AMX-BF16, AVX512-BF16)"
+    )
+    monkeypatch.setattr("deepseek.trainer.native_bf16_units", lambda: [])
+    assert precision_reason("auto", CPU).startswith("train.dtype auto: this CPU has no native bf16")
+    assert precision_reason("bfloat16", CPU) == "train.dtype bfloat16"
+
+
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="the CPU flags are read from Linux's /proc/cpuinfo")
 def test_fast_bf16_follows_the_cpu_flags():
     flags = Path("/proc/cpuinfo").read_text().split()
     assert fast_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+    units = {"AMX-BF16": "amx_bf16" in flags, "AVX512-BF16": "avx512_bf16" in flags}
+    assert native_bf16_units() == [name for name, present in units.items() if present]

@@ -7,10 +7,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from deepseek.config import ModelConfig, TrainConfig
+
 from pipeline_utils import ROOT, make_pipeline_repo, run
-from regression import Row, compare, render, stale_lock_entries
+from regression import (
+    Row,
+    Spread,
+    compare,
+    interleaved_speed_ratios,
+    our_step,
+    precision_row,
+    render,
+    stale_lock_entries,
+)
 
 TOLERANCES = {
     "bits_per_character": {"direction": "lower", "abs": 0.02},
@@ -34,6 +46,28 @@ def test_table_names_metric_baseline_now_tolerance_verdict():
     table = render([Row("bits_per_character", "2.0000", "2.5000", "<= 2.0200 (+0.02)", False)])
     assert table.splitlines()[0] == "| metric | baseline | now | tolerance | verdict |"
     assert table.splitlines()[2] == "| bits_per_character | 2.0000 | 2.5000 | <= 2.0200 (+0.02) | FAIL |"
+
+
+def test_the_precision_check_fails_when_the_picked_precision_trains_slower():
+    config, train = ModelConfig.from_preset("tiny"), TrainConfig(micro_batch_size=2, seq_len=16)
+    ids = torch.randint(0, config.vocab_size, (2, 17))
+    step = our_step(config, train, ids, torch.float32)
+
+    def slower() -> None:  # a precision whose step takes twice as long: the one the gate must not let auto pick
+        step()
+        step()
+
+    spread = Spread("bfloat16 over float32", interleaved_speed_ratios(slower, step, rounds=6, warmup=1))
+    assert 0.3 < spread.median < 0.8
+    row = precision_row(torch.bfloat16, torch.float32, spread, min_speedup=0.95)
+    assert not row.ok
+    assert (
+        render([row])
+        .splitlines()[2]
+        .startswith(f"| training precision is the faster | bfloat16 picked | {spread.median:.3f}x float32 | >= 0.95x")
+    )
+    assert "median" in str(spread) and "of 6 interleaved rounds" in str(spread)
+    assert precision_row(torch.bfloat16, torch.float32, spread, min_speedup=spread.median).ok
 
 
 def test_stale_lock_ignores_missing_outputs_but_not_changed_code_or_params():
@@ -73,6 +107,7 @@ def test_damaged_training_fails_the_gate_and_unchanged_code_passes_after_an_appl
                 "bits_per_character": {"direction": "lower", "abs": 0.02},
                 "max_vio": {"direction": "lower", "abs": 0.15},
                 "relative_throughput": {"direction": "higher", "rel": 0.8},
+                "precision": {"min_speedup": 0.05},
             }
         )
     )
@@ -89,10 +124,16 @@ def test_damaged_training_fails_the_gate_and_unchanged_code_passes_after_an_appl
     assert "| bits_per_character |" in unchanged.stdout and "FAIL" not in unchanged.stdout
     assert "| baseline made with this profile | yes | yes |" in unchanged.stdout
     assert "interleaved rounds; 10th-90th percentile" in unchanged.stdout
+    assert "| training precision is the faster |" in unchanged.stdout
 
+    # A damaged training, and a precision that must be 100 times faster than the other: both rows fail.
+    strict = yaml.safe_load((tmp_path / "tolerances.yaml").read_text()) | {"precision": {"min_speedup": 100}}
+    (tmp_path / "strict.yaml").write_text(yaml.safe_dump(strict))
+    checks[checks.index(str(tmp_path / "tolerances.yaml"))] = str(tmp_path / "strict.yaml")
     damaged = gate("check", *checks, "--set", "train.lr=0", "--set", "train.min_lr=0", repo=repo)
     assert damaged.returncode != 0
-    row = next(line for line in damaged.stdout.splitlines() if line.startswith("| bits_per_character |"))
-    assert row.endswith("| FAIL |")
+    for metric in ("bits_per_character", "training precision is the faster"):
+        row = next(line for line in damaged.stdout.splitlines() if line.startswith(f"| {metric} |"))
+        assert row.endswith("| FAIL |")
     assert "regression check failed" in damaged.stderr
     assert "Traceback" not in damaged.stderr
