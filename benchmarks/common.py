@@ -18,7 +18,7 @@ from torch import nn
 
 from deepseek import files
 from deepseek.config import ModelConfig
-from deepseek.cpu import describe_machine
+from deepseek.cpu import describe_machine, native_bf16_units
 from deepseek.evaluation import autocast
 from deepseek.generate import generate
 from deepseek.hf import export_hf
@@ -91,6 +91,9 @@ def run_header(title: str, device: torch.device, precision: str) -> dict[str, st
         "benchmark": title,
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": describe_machine(device),
+        **(
+            {"CPU bf16 units": ", ".join(native_bf16_units()) or "none (bf16 emulated)"} if device.type == "cpu" else {}
+        ),
         "torch": torch.__version__,
         "transformers": version("transformers"),
         "precision": precision,

@@ -173,8 +173,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 5  # stop (with a checkpoint) after this many skipped non-finite steps in a row
     num_workers: int = 0
-    # CPU threads: 0 = the machine's cores divided among the trainings running on it at once, rechecked as they
-    # start and end (deepseek.cpu.CoreShare); N = exactly N
+    # CPU threads: 0 = the cores other programs leave free, divided among the trainings running at once, rechecked
+    # as training goes (deepseek.cpu.CoreShare); N = exactly N
     threads: int = 0
     compile: bool = False  # torch.compile the training forward
     # Under torchrun: ddp replicates the weights on every rank; fsdp shards weights, gradients and optimizer state
