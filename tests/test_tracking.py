@@ -49,6 +49,7 @@ def test_all_five_runs_land_in_one_store(tracked_repo):
         # Facts of the corpus are the run's dataset, not params or metrics that would crowd every comparison.
         assert not any(key.startswith(("data.", "model.parameters.")) for key in r.data.metrics)
         assert int(r.data.tags["model.parameters.total"]) > 0
+        assert r.data.tags["train.precision_reason"].startswith("train.dtype")  # what auto saw, or the setting
         (dataset,) = [d.dataset for d in r.inputs.dataset_inputs]
         assert dataset.name == "shakespeare" and json.loads(dataset.profile)["characters"] > 0
         assert {"git_commit", "git_dirty", "data_sha256", "dvc_exp_name", "dvc_baseline_rev"} <= set(r.data.tags)
