@@ -159,6 +159,10 @@ def interleaved_speed_ratios(
     return ratios
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def the_other_precision(dtype: torch.dtype) -> torch.dtype:
     """What the precision check races against: float32 for a reduced precision, bf16 for float32."""
     return torch.bfloat16 if dtype == torch.float32 else torch.float32
@@ -186,11 +190,10 @@ class Spread:
 def precision_row(picked: torch.dtype, other: torch.dtype, spread: Spread, min_speedup: float) -> Row:
     """The precision train.dtype resolves to must train at least min_speedup times as fast as the other one
     (min_speedup just under 1: the noise of the interleaved timing)."""
-    names = [describe_precision(dtype).split()[0] for dtype in (picked, other)]
     return Row(
         "training precision is the faster",
-        f"{names[0]} picked",
-        f"{spread.median:.3f}x {names[1]}",
+        f"{dtype_name(picked)} picked",
+        f"{spread.median:.3f}x {dtype_name(other)}",
         f">= {min_speedup:.2f}x (train.dtype: auto must not pick the slower)",
         spread.median >= min_speedup,
     )
@@ -301,10 +304,6 @@ def measure(workdir: Path, params: dict[str, Any], baseline: dict[str, Any] | No
     result["precision"] = (dtype, other, precision)
     result["throughput_spread"] = f"{throughput}\n{precision}"
     return result
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # --- comparing --------------------------------------------------------------------------------------------------

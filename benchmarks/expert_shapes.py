@@ -79,10 +79,10 @@ def layer_step(layer: moe.MoE, inputs: torch.Tensor, dtype: torch.dtype, seen: s
             out, counts, _ = layer(inputs)
         out.float().square().mean().backward()
         seconds = time.perf_counter() - start
-        rows, experts = int(counts.sum()), len(counts)
-        block = moe.row_block(rows, experts, torch.empty(0, dtype=dtype))
-        padded = (counts.long() + block - 1) // block * block
-        seen.update(padded.tolist())
+        counts = counts.long()
+        block = moe.row_block(int(counts.sum()), len(counts), torch.empty(0, dtype=dtype))
+        experts = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        seen.update(moe.group_sizes(moe.PaddedLayout.of(experts, counts, block).ends).tolist())
         return seconds
 
     return step

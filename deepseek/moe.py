@@ -139,6 +139,11 @@ class PaddedLayout:
         return cls(positions, ends, capacity)
 
 
+def group_sizes(ends: torch.Tensor) -> torch.Tensor:
+    """Each group's rows, from where each group ends."""
+    return ends.diff(prepend=ends.new_zeros(1))
+
+
 class RoutedExperts(nn.Module):
     """num_experts SwiGLU experts whose weights are stacked, so dispatch is a sort and two grouped matmuls."""
 
@@ -164,7 +169,7 @@ class RoutedExperts(nn.Module):
         else:
             ends = counts.cumsum(dim=0, dtype=torch.int32)
         grouped = all(grouped_mm_supported(sorted_inputs, w) for w in (self.gate_up_proj, self.down_proj))
-        sizes = None if grouped else ends.diff(prepend=ends.new_zeros(1)).tolist()  # the fallback's one host sync
+        sizes = None if grouped else group_sizes(ends).tolist()  # the fallback's one host sync
         gate, up = grouped_linear(sorted_inputs, self.gate_up_proj, ends, sizes).chunk(2, dim=-1)
         sorted_outputs = grouped_linear(F.silu(gate) * up, self.down_proj, ends, sizes)
         if block > 1:
