@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,7 +63,13 @@ class ModelConfig:
         for name in ("q_lora_rank", "num_shared_experts", "first_k_dense_layers", "mtp_depth"):
             require(_is_integer(getattr(self, name)) and getattr(self, name) >= 0, name, "must be an integer >= 0")
         for name in ("rope_theta", "rms_norm_eps", "init_std", "routed_scaling_factor"):
-            require(_is_number(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive number")
+            value = getattr(self, name)
+            # These become float32 tensors: a smaller value rounds to 0 there (an eps of 0 divides by 0).
+            require(
+                _is_number(value) and FLOAT32_TINY <= value <= FLOAT32_MAX,
+                name,
+                "must be a positive number that float32 holds (1.2e-38 to 3.4e38)",
+            )
         for name in ("bias_update_rate", "seq_aux_loss_coef"):
             require(_is_number(getattr(self, name)) and getattr(self, name) >= 0, name, "must be a number >= 0")
         require(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", "must be a number in [0, 1)")
@@ -241,6 +248,8 @@ class TrainConfig:
         return {key: value for key, value in dataclasses.asdict(self).items() if key not in bookkeeping}
 
 
+FLOAT32_TINY = 2.0**-126  # float32's smallest normal number
+FLOAT32_MAX = (2 - 2.0**-23) * 2.0**127
 MAX_CONTEXT = 2**20  # tokens; far beyond what these models train on, and what position tables stay exact for
 _POSITIVE_INTEGERS = (
     "vocab_size",
@@ -266,7 +275,7 @@ def _is_integer(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # Named starting points. Every preset is a complete ModelConfig once the defaults above fill in the rest.

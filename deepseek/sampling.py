@@ -25,7 +25,10 @@ def next_token_probs(
     to the smallest set whose probability reaches top_p. temperature must be positive."""
     logits = logits.float()
     # Shifted so that the best logit is 0 before dividing: any positive temperature, however small, then gives
-    # finite or -inf logits, never inf - inf = nan.
+    # finite or -inf logits, never inf - inf = nan. A temperature below float32's smallest normal number would
+    # round to 0 in the division (0 / 0 = nan); there the distribution is already all on the best tokens, so the
+    # smallest normal number stands for it.
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]

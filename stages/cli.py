@@ -14,7 +14,7 @@ from deepseek.generate import stream_text
 from deepseek.speculative import SpeculativeStats
 from stages.data import utf8_text
 from stages.evaluate import evaluate
-from stages.options import model_option, report_user_errors
+from stages.options import FiniteFloatRange, model_option, report_user_errors
 from stages.prepare import prepare
 from stages.sample import sample
 from stages.study import study
@@ -54,11 +54,11 @@ for command in (prepare, tokenize, train, evaluate, sample, study):
     "--temperature",
     default=0.8,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     help="0 picks the most likely token every step (greedy).",
 )
 @click.option("--top-k", default=50, show_default=True, type=click.IntRange(min=0), help="0 = no top-k cut.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-p", default=1.0, show_default=True, type=FiniteFloatRange(0, 1, min_open=True))
 @click.option("--seed", default=1337, show_default=True, type=int)
 @click.option(
     "--speculative",

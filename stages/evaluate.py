@@ -12,14 +12,14 @@ from deepseek.checkpoint import load_model
 from deepseek.evaluation import evaluate as evaluate_model
 from deepseek.files import write_json, write_text
 from stages import figures, tracking
-from stages.options import params_option, report_user_errors
+from stages.options import params_option, report_user_errors, trained_model_option
 from stages.params import load_params
 from stages.tokenizer import check_vocabulary, load_meta, load_tokens
 
 
 @click.command()
 @params_option
-@click.option("--model-dir", default="model/final", show_default=True, type=click.Path(path_type=Path))
+@trained_model_option("--model-dir")
 @click.option("--tokens-dir", default="data/tokens", show_default=True, type=click.Path(path_type=Path))
 @click.option(
     "--reports-dir",

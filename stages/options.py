@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +17,17 @@ from stages.params import PARAMS_FILE
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, which lets nan and inf through (no comparison with nan fails), refusing them too."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 params_option = click.option(
     "--params",
     "params_path",
@@ -24,14 +36,31 @@ params_option = click.option(
     type=click.Path(dir_okay=False),
     help="Parameters file; all of it is checked before any work.",
 )
-model_option = click.option(
-    "--model",
-    "model_dir",
-    default=Path("model/final"),
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="A model directory written by the train stage.",
-)
+TRAINED_MODEL = Path("model/final")
+
+
+def _existing_unless_trained_model(ctx: click.Context, param: click.Parameter, model_dir: Path) -> Path:
+    """A --model folder that is not there is a mistyped path, unless it is the one training writes (then loading
+    says to train first)."""
+    if model_dir != TRAINED_MODEL and not model_dir.exists():
+        raise click.BadParameter(f"{model_dir} does not exist (the train stage writes {TRAINED_MODEL})")
+    return model_dir
+
+
+def trained_model_option(name: str) -> Callable[[F], F]:
+    """The option (--model, or the stages' --model-dir) naming the model directory a command reads."""
+    return click.option(
+        name,
+        "model_dir",
+        default=TRAINED_MODEL,
+        show_default=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        callback=_existing_unless_trained_model,
+        help="A model directory written by the train stage.",
+    )
+
+
+model_option = trained_model_option("--model")
 
 
 def report_user_errors(command: F) -> F:

@@ -9,6 +9,8 @@ and the section's name in front of any error ("params train.lr must be >= 0").
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import re
 import types
 import typing
@@ -160,9 +162,10 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 
 def parse_params(values: dict[str, Any]) -> Params:
     """Params from the mapping a params file holds, checked as load_params checks them."""
-    unknown = sorted(set(values) - set(SECTIONS) - {"seed", "model"})
-    if unknown:
-        raise UserError(f"unknown params section(s) {', '.join(unknown)}; known: seed, model, {', '.join(SECTIONS)}")
+    known = ["seed", "model", *SECTIONS]
+    for name in values:
+        if name not in known:
+            raise UserError(f"params {name} is not a known section{_did_you_mean(name, known)}")
     sections = {name: _section(name, values.get(name) or {}) for name in SECTIONS}
     params = Params(
         seed=_seed(values.get("seed", 1337)), model=_model(values.get("model") or {}), values=values, **sections
@@ -230,7 +233,7 @@ def _section(name: str, values: Any) -> Any:
         raise UserError(f"params {name} must be a mapping of keys to values")
     cls = SECTIONS[name]
     with _in_section(name):
-        return cls(**_typed_fields(values, cls))
+        return cls(**_typed_fields(values, cls, name))
 
 
 def _model(values: Any) -> ModelParams:
@@ -250,7 +253,7 @@ def _model(values: Any) -> ModelParams:
             "preset",
             f"= {preset!r} must be one of {', '.join(map(repr, PRESETS))}",
         )
-        fields = _typed_fields(values, ModelConfig, nullable=True)
+        fields = _typed_fields(values, ModelConfig, "model", nullable=True)
         return ModelParams(preset, {key: value for key, value in fields.items() if value is not None})
 
 
@@ -262,14 +265,14 @@ def _seed(seed: Any) -> int:
     return seed
 
 
-def _typed_fields(values: dict[str, Any], cls: type, nullable: bool = False) -> dict[str, Any]:
+def _typed_fields(values: dict[str, Any], cls: type, section: str, nullable: bool = False) -> dict[str, Any]:
     """values checked against cls's fields and type hints; a whole float (1e3) may stand for an integer.
 
     nullable: any field may be null (the model section's fields, whose null means the preset's value).
     """
     fields = [f.name for f in dataclasses.fields(cls) if f.name != "vocab_size" or cls is not ModelConfig]
     for key in values:
-        require(key in fields, key, f"is not a known key; known keys: {', '.join(fields)}")
+        require(key in fields, key, f"is not a known key{_did_you_mean(key, fields, section)}")
     hints = typing.get_type_hints(cls)
     typed = {}
     for key, value in values.items():
@@ -278,6 +281,50 @@ def _typed_fields(values: dict[str, Any], cls: type, nullable: bool = False) -> 
         require(_matches(value, hint), key, f"= {value!r} must be {_describe(hint)}")
         typed[key] = value
     return typed
+
+
+# What other trainers call some of these keys (transformers' TrainingArguments and model configs, nanoGPT), so that
+# one of their names, or a typo of one, is answered with ours.
+OTHER_NAMES = {
+    "learning_rate": "lr",
+    "max_lr": "lr",
+    "min_learning_rate": "min_lr",
+    "max_iters": "max_steps",
+    "num_steps": "max_steps",
+    "steps": "max_steps",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "block_size": "seq_len",
+    "warmup_iters": "warmup_steps",
+    "adam_beta1": "beta1",
+    "adam_beta2": "beta2",
+    "max_grad_norm": "grad_clip",
+    "eval_iters": "eval_batches",
+    "precision": "dtype",
+    "num_threads": "threads",
+    "n_layer": "num_layers",
+    "num_hidden_layers": "num_layers",
+    "n_head": "num_heads",
+    "num_attention_heads": "num_heads",
+    "n_embd": "hidden_size",
+    "d_model": "hidden_size",
+    "max_position_embeddings": "max_seq_len",
+    "n_routed_experts": "num_routed_experts",
+    "n_shared_experts": "num_shared_experts",
+    "num_nextn_predict_layers": "mtp_depth",
+    "temp": "temperature",
+}
+
+
+def _did_you_mean(name: str, known: list[str], section: str = "") -> str:
+    """ "; did you mean train.lr?" for the known name closest to name (or to another trainer's name for it), else
+    the list of known names."""
+    candidates = {key: key for key in known} | {other: ours for other, ours in OTHER_NAMES.items() if ours in known}
+    close = difflib.get_close_matches(name.lower(), candidates, n=1, cutoff=0.6)
+    if not close:
+        return f"; known: {', '.join(known)}"
+    return f"; did you mean {section + '.' if section else ''}{candidates[close[0]]}?"
 
 
 def _whole(value: Any) -> Any:
@@ -300,8 +347,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, list) and all(_matches(v, item) for v in value)
     if hint is type(None):
         return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # nan and inf pass every range check (no comparison with nan fails), so none is allowed
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
@@ -315,6 +362,5 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(hint))
     if origin is list:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(
-        hint, str(hint)
-    )
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(hint, str(hint))

@@ -12,14 +12,14 @@ from deepseek.files import write_json, write_text
 from deepseek.generate import generate_text
 from deepseek.speculative import SpeculativeStats
 from stages import tracking
-from stages.options import params_option, report_user_errors
+from stages.options import params_option, report_user_errors, trained_model_option
 from stages.params import load_params
 from stages.trained import load_trained
 
 
 @click.command()
 @params_option
-@click.option("--model-dir", default="model/final", show_default=True, type=click.Path(path_type=Path))
+@trained_model_option("--model-dir")
 @click.option(
     "--reports-dir",
     default="reports",

@@ -1,4 +1,8 @@
+import contextlib
+import os
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,23 @@ def tiny_config() -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_queue_workers_left(tmp_path_factory) -> Iterator[None]:
+    """After the tests, stop the DVC queue workers that the tests' repositories started and that are still there
+    (a worker can hang in its shutdown), so that none outlives the test run."""
+    yield
+    base = tmp_path_factory.getbasetemp().resolve()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            is_worker = b"queue-worker" in (proc / "cmdline").read_bytes()
+            cwd = (proc / "cwd").resolve()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if is_worker and cwd.is_relative_to(base):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 def wait_for_queue(repo: Path, timeout_s: float = 900) -> str:

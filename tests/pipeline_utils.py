@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -68,8 +69,29 @@ def pipeline_env() -> dict[str, str]:
     }
 
 
+# No test command takes longer on CI's machines: a hang fails its test instead of using up CI's time.
+COMMAND_TIMEOUT_S = 900
+
+
+def run_captured(
+    args: list[str], cwd: Path, env: dict[str, str], timeout_s: float = COMMAND_TIMEOUT_S
+) -> subprocess.CompletedProcess:
+    """args run to completion, its output captured through temporary files rather than pipes.
+
+    `dvc queue start` and `dvc exp run --run-all` leave DVC's queue workers behind, and the process that watches
+    them inherits the command's output: a pipe would stay open, and the test wait, until the last worker exits.
+    A worker that never finishes its shutdown (seen with DVC 3.67 after "shutting down due to empty queue")
+    would hang the test run for good."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        result = subprocess.run(args, cwd=cwd, env=env, stdout=out, stderr=err, text=True, timeout=timeout_s)
+        out.seek(0)
+        err.seek(0)
+        result.stdout, result.stderr = out.read(), err.read()
+    return result
+
+
 def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=pipeline_env(), capture_output=True, text=True)
+    result = run_captured(args, cwd, pipeline_env())
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result

@@ -18,6 +18,7 @@ from deepseek.errors import UserError
 from deepseek.evaluation import evaluate
 from deepseek.generate import generate, sample_next
 from deepseek.model import DeepSeekLM
+from deepseek.sampling import next_token_probs
 from deepseek.trainer import Trainer, TrainOutputs
 from stages.cli import main
 from stages.params import TokenizerParams
@@ -75,11 +76,32 @@ def test_evaluate_refuses_tokens_of_a_larger_tokenizer(tmp_path, monkeypatch):
     assert "the tokens in data/tokens has" in line and "the model's vocabulary has 10" in line
 
 
-@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 1e-8])
+# Every size of positive float down to the smallest double: below float32's smallest normal number (1.2e-38) a
+# temperature would round to 0 in float32 arithmetic.
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-45, 1e-40, 1e-30, 1e-8])
 def test_a_tiny_positive_temperature_samples_the_best_token(temperature):
     logits = torch.tensor([[2.0, 5.0, 1.0, 4.999], [0.0, -1.0, 3.0, 2.0]])
     assert sample_next(logits, temperature).tolist() == [[1], [2]]
     assert sample_next(logits, temperature, top_k=2, top_p=0.5).tolist() == [[1], [2]]
+    # Tied best tokens share the probability.
+    probs = next_token_probs(torch.tensor([[1.0, 3.0, 3.0, 0.0]]), temperature)
+    assert probs.tolist() == [[0.0, 0.5, 0.5, 0.0]]
+
+
+@pytest.mark.parametrize("temperature", [1e30, 1e300, float("inf")])
+def test_a_huge_temperature_samples_uniformly(temperature):
+    probs = next_token_probs(torch.tensor([[2.0, 5.0, -1.0, 4.0]]), temperature)
+    assert torch.allclose(probs, torch.full((1, 4), 0.25))
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "nan"), ("--top-p", "-inf")]
+)
+def test_generate_refuses_a_float_that_is_not_finite(option, value):
+    result = CliRunner().invoke(main, ["generate", "hi", option, value])
+    assert result.exit_code == 2, result.output
+    assert "is not a finite number" in result.output or "not in the range" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_a_tiny_temperature_through_the_sample_params(small_model_big_tokenizer, tmp_path, monkeypatch):

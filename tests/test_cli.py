@@ -28,21 +28,17 @@ def test_every_command_has_help(command):
 
 
 @pytest.mark.parametrize(
-    "args, expected",
-    [
-        (["generate", "hello", "--model", "nowhere"], "no model in nowhere"),
-        (["export-hf", "--model", "nowhere"], "no model in nowhere"),
-        (["evaluate", "--model-dir", "nowhere"], "no model in nowhere"),
-        (["sample", "--model-dir", "nowhere"], "no model in nowhere"),
-    ],
+    "args", [["generate", "hello"], ["export-hf"], ["evaluate"], ["sample"], ["generate", "hi", "--model", "empty"]]
 )
-def test_commands_before_training_say_to_train_first(tmp_path, monkeypatch, args, expected):
+def test_commands_before_training_say_to_train_first(tmp_path, monkeypatch, args):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("seed: 1\n")
+    (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
+    where = "empty" if "empty" in args else "model/final"
     assert (
-        result.output.strip() == f"Error: {expected} (expected config.json and model.safetensors): "
+        result.output.strip() == f"Error: no model in {where} (expected config.json and model.safetensors): "
         "run the train stage first"
     )
 
@@ -52,6 +48,18 @@ def test_empty_prompt_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["generate", "", "--model", str(tmp_path / "model")])
     assert result.exit_code == 1
     assert result.output.strip() == "Error: the prompt is empty: give some text to continue"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["generate", "hi", "--model"], ["export-hf", "--model"], ["evaluate", "--model-dir"], ["sample", "--model-dir"]],
+)
+def test_a_model_folder_that_is_not_there_is_called_missing(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [*args, "model/nope"])
+    assert result.exit_code == 2
+    assert "model/nope does not exist (the train stage writes model/final)" in result.output
+    assert "run the train stage first" not in result.output and "Traceback" not in result.output
 
 
 def test_generate_options_are_range_checked():

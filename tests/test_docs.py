@@ -25,7 +25,7 @@ import torch
 from deepseek.config import ModelConfig
 from deepseek.model import DeepSeekLM
 
-from pipeline_utils import ROOT, free_port, make_pipeline_repo, pipeline_env, tiny_corpus
+from pipeline_utils import ROOT, free_port, make_pipeline_repo, pipeline_env, run_captured, tiny_corpus
 from pipeline_utils import run as git_run
 
 README = ROOT / "README.md"
@@ -184,9 +184,7 @@ class DocRunner:
                 self.serve(code)
                 self.served.add(code)
             return
-        result = subprocess.run(
-            ["bash", "-c", code], cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=900
-        )
+        result = run_captured(["bash", "-c", code], self.repo, self.env)
         output = result.stdout + result.stderr
         if "see it fail" in command.text:
             assert result.returncode != 0, f"{command.doc.name}: expected to fail: {code}\n{output}"

@@ -56,6 +56,14 @@ def test_repository_params_are_valid():
         (dict(model={"num_layers": 2.5}), "model.num_layers"),
         (dict(model={"score_func": "relu"}), "model.score_func"),
         (dict(trian={"lr": 1.0}), "trian"),
+        (dict(train={"lr": float("nan")}), "train.lr"),
+        (dict(train={"lr": float("inf")}), "train.lr"),
+        (dict(train={"grad_clip": float("-inf")}), "train.grad_clip"),
+        (dict(sample={"temperature": float("nan")}), "sample.temperature"),
+        (dict(sample={"top_p": float("nan")}), "sample.top_p"),
+        (dict(model={"rms_norm_eps": 1e-300}), "model.rms_norm_eps"),
+        (dict(model={"rope_theta": 1e300}), "model.rope_theta"),
+        (dict(model={"bias_update_rate": float("inf")}), "model.bias_update_rate"),
     ],
 )
 def test_bad_params_value_names_the_key(tmp_path, changes, key):
@@ -63,6 +71,27 @@ def test_bad_params_value_names_the_key(tmp_path, changes, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")) as error:
         load_params(path)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "changes, answer",
+    [
+        (dict(train={"learnig_rate": 1e-3}), "params train.learnig_rate is not a known key; did you mean train.lr?"),
+        (dict(train={"max_iters": 5}), "params train.max_iters is not a known key; did you mean train.max_steps?"),
+        (dict(model={"hiden_size": 64}), "params model.hiden_size is not a known key; did you mean model.hidden_size?"),
+        (
+            dict(sample={"temprature": 1}),
+            "params sample.temprature is not a known key; did you mean sample.temperature",
+        ),
+        (dict(trian={"lr": 1.0}), "params trian is not a known section; did you mean train?"),
+        (dict(train={"zzz": 1}), "params train.zzz is not a known key; known: max_steps, micro_batch_size, "),
+    ],
+)
+def test_a_misspelt_key_gets_the_closest_known_one(tmp_path, changes, answer):
+    """The closest key, or the key another trainer's name stands for (learning_rate: lr); else the known ones."""
+    with pytest.raises(UserError) as error:
+        load_params(write_params(tmp_path, **changes))
+    assert str(error.value).startswith(answer)
 
 
 def test_every_stage_checks_all_params_before_work(tmp_path, monkeypatch):
