@@ -12,7 +12,9 @@ from deepseek.checkpoint import TOKENIZER
 from deepseek.errors import UserError
 from deepseek.generate import stream_text
 from deepseek.speculative import SpeculativeStats
+from stages.check import check
 from stages.data import utf8_text
+from stages.download import download
 from stages.evaluate import evaluate
 from stages.options import FiniteFloatRange, model_option, report_user_errors
 from stages.prepare import prepare
@@ -31,7 +33,7 @@ def main() -> None:
     """
 
 
-for command in (prepare, tokenize, train, evaluate, sample, study):
+for command in (check, download, prepare, tokenize, train, evaluate, sample, study):
     main.add_command(command)
 
 

@@ -17,7 +17,7 @@ from pipeline_utils import STAGES, make_pipeline_repo, run, set_params, stages_r
 
 @pytest.mark.slow
 def test_pipeline_end_to_end(repo):
-    # 1. A fresh repro runs all five stages; a second runs nothing and leaves dvc status clean.
+    # 1. A fresh repro runs every stage; a second runs nothing and leaves dvc status clean.
     first = run(["dvc", "repro"], repo)
     assert stages_run(first.stdout) == set(STAGES)
     assert stages_run(run(["dvc", "repro"], repo).stdout) == set()
@@ -37,13 +37,14 @@ def test_pipeline_end_to_end(repo):
     assert all(s["text"].startswith(s["prompt"]) and len(s["text"]) > len(s["prompt"]) for s in samples)
     assert (repo / "reports" / "figures" / "loss.png").stat().st_size > 0
 
-    # 3. Reruns: sample params re-run only sample; train params re-run train, evaluate and sample.
+    # 3. Reruns: sample params re-run only sample; train params re-run train, evaluate and sample (and the check
+    # of params.yaml, every time it changes).
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "first run"], repo)
     set_params(repo, sample={"max_new_tokens": 8})
-    assert stages_run(run(["dvc", "repro"], repo).stdout) == {"sample"}
+    assert stages_run(run(["dvc", "repro"], repo).stdout) == {"check", "sample"}
     set_params(repo, train={"lr": 2e-3})
-    assert stages_run(run(["dvc", "repro"], repo).stdout) == {"train", "evaluate", "sample"}
+    assert stages_run(run(["dvc", "repro"], repo).stdout) == {"check", "train", "evaluate", "sample"}
     run(["git", "checkout", "-q", "params.yaml", "dvc.lock", "reports"], repo)
     run(["dvc", "checkout", "-q"], repo)
     # 2. Experiments, `dvc exp show`, metrics and plots diffs: every command the docs show runs in test_docs.py.
@@ -80,6 +81,80 @@ def test_exported_model_generates_what_deepseek_generate_does(repo):
     out = model.generate(ids, max_new_tokens=24, do_sample=False)
     assert tokenizer.decode(out[0]) == ours
     assert len(ours) > len(prompt)
+
+
+def completed(repo: Path) -> dict[str, bytes]:
+    """The pipeline run and committed; returns every output file of the stages after download, by path."""
+    if "up to date" not in run(["dvc", "status"], repo).stdout:
+        run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "completed", "--allow-empty"], repo)
+    folders = ("data/prepared", "data/tokenizer", "data/tokens", "model/final", "reports")
+    return {str(f.relative_to(repo)): f.read_bytes() for d in folders for f in (repo / d).rglob("*") if f.is_file()}
+
+
+def files_now(repo: Path, before: dict[str, bytes]) -> dict[str, bytes]:
+    return {path: (repo / path).read_bytes() for path in before if (repo / path).is_file()}
+
+
+@pytest.mark.slow
+def test_a_bad_value_fails_before_any_output_is_removed(repo):
+    """A typo'd value: the check stage refuses it in one line before DVC removes any output, and once params.yaml
+    is restored there is nothing to rerun."""
+    before = completed(repo)
+    result = run(["dvc", "exp", "run", "-S", "train.lr=fast"], repo, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Error: params train.lr = 'fast' must be a finite number" in output
+    assert "Traceback" not in output
+    assert files_now(repo, before) == before  # the model, every report and every data output
+    run(["git", "checkout", "-q", "params.yaml"], repo)
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+
+
+@pytest.mark.slow
+def test_a_training_that_fails_midway_leaves_the_other_stages_outputs(repo):
+    before = completed(repo)
+    # Weights blown up by the first update: every later step is non-finite, and training stops after two.
+    result = run(["dvc", "exp", "run", "-S", "train.lr=1e30", "-S", "train.max_nonfinite_steps=2"], repo, check=False)
+    assert result.returncode != 0
+    assert "Running stage 'train'" in result.stdout and "non-finite" in result.stdout + result.stderr
+    others = {path: data for path, data in before.items() if not path.startswith(TRAIN_OUTPUTS)}
+    assert files_now(repo, others) == others  # data outputs, the evaluation's metrics, figures, the samples
+    run(["git", "checkout", "-q", "params.yaml", "dvc.lock"], repo)
+    run(["dvc", "checkout", "-q"], repo)  # the trained model back from DVC's cache, as docs/operations.md says
+    assert files_now(repo, before) == before
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+
+
+@pytest.mark.slow
+def test_a_removed_corpus_is_seen_and_restored_by_dvc(repo):
+    completed(repo)
+    corpus = repo / "data" / "input-1.txt"
+    text = corpus.read_text()
+    corpus.unlink()
+    status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+    assert status["download"] == [{"changed outs": {"data/input-1.txt": "deleted"}}]
+    run(["dvc", "checkout", "data/input-1.txt"], repo)  # from DVC's cache, offline
+    assert corpus.read_text() == text
+    corpus.write_text(text + "an edit")
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout)["download"] == [
+        {"changed outs": {"data/input-1.txt": "modified"}}
+    ]
+    result = run(["dvc", "repro"], repo, check=False)  # the download stage refuses a corpus of another sha256
+    assert result.returncode != 0 and "has sha256" in result.stderr + result.stdout
+    assert corpus.read_text() == text + "an edit"  # refused, not replaced
+    run(["dvc", "checkout", "--force", "data/input-1.txt"], repo)
+    assert corpus.read_text() == text
+
+
+TRAIN_OUTPUTS = (
+    "model/final",
+    "reports/train_log.csv",
+    "reports/val_log.csv",
+    "reports/mlflow_run.json",
+    "reports/train_summary.json",
+)
 
 
 @pytest.fixture(scope="module")
