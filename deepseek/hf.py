@@ -5,10 +5,11 @@ stacked tensors here and one key per expert there. Our RoPE pairs (x[i], x[i + d
 transformers' `rope_interleave=False`; checkpoints with interleaved pairs (DeepSeek's own) are
 converted on import by permuting the rows that produce the RoPE halves.
 
-Multi-token prediction modules are written as DeepSeek-V3's checkpoint holds them: layers numbered after the
-main ones (`num_nextn_predict_layers` of them), each a decoder layer plus `enorm`, `hnorm`, `eh_proj` and
-`shared_head.norm`, with copies of the shared embedding and head. transformers' DeepseekV3ForCausalLM skips
-them on load; its MTP speculative decoding (`generate(use_mtp=True)`) and serving engines read them.
+Multi-token prediction modules, when asked for, are written as DeepSeek-V3's checkpoint holds them: layers
+numbered after the main ones (`num_nextn_predict_layers` of them), each a decoder layer plus `enorm`, `hnorm`,
+`eh_proj` and `shared_head.norm`, with copies of the shared embedding and head. transformers'
+DeepseekV3ForCausalLM skips them on load (listing their keys as UNEXPECTED), so the export leaves them out by
+default; transformers' MTP layers (`transformers.modeling_layers.MtpModel`) and serving engines read them.
 """
 
 from __future__ import annotations
@@ -147,12 +148,13 @@ def from_hf_config(hf: dict) -> ModelConfig:
     )
 
 
-def to_hf_state_dict(model: DeepSeekLM) -> dict[str, torch.Tensor]:
-    """Our weights under transformers' names, one set of keys per routed expert."""
-    config = model.config
+def to_hf_state_dict(model: DeepSeekLM, mtp: bool = True) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' names, one set of keys per routed expert; mtp: the multi-token prediction
+    modules too."""
+    config = model.config if mtp else model.config.replace(mtp_depth=0)
     out = {}
     for name, tensor in model.state_dict().items():
-        if name == "head.weight" and config.tie_embeddings:
+        if (name == "head.weight" and config.tie_embeddings) or (name.startswith("mtp.") and not mtp):
             continue
         if name in _TOP_RENAMES:
             out[_TOP_RENAMES[name]] = tensor
@@ -250,6 +252,7 @@ def export_hf(
     tokenizer_dir: str | Path | None = None,
     inputs: Sequence[str | Path] = (),
     force: bool = False,
+    mtp: bool = False,
 ) -> Path:
     """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
@@ -257,17 +260,21 @@ def export_hf(
     becomes the config's eos_token_id, so that transformers' generate stops where ours does. The directory
     appears whole or not at all, and replaces only an earlier export (or, with force, a folder of other files;
     never one of inputs, the tokenizer, or another of this project's outputs).
+
+    mtp: write the multi-token prediction modules as well, as DeepSeek-V3's checkpoint holds them. Left out by
+    default: DeepseekV3ForCausalLM does not use them, and lists every one of their keys as UNEXPECTED on load.
     """
     eos_token_id = None
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
         eos_token_id = AutoTokenizer.from_pretrained(tokenizer_dir).eos_token_id
-    config = to_hf_config(model.config, eos_token_id)  # refuses what transformers cannot hold, before any write
+    # Refuses what transformers cannot hold, before any write.
+    config = to_hf_config(model.config if mtp else model.config.replace(mtp_depth=0), eos_token_id)
     sources = [*inputs, *([tokenizer_dir] if tokenizer_dir is not None else [])]
     with replacing_dir(out_dir, HF_EXPORT_DIR, inputs=sources, force=force) as tmp:
         config.save_pretrained(tmp)
-        save_file(to_hf_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_file(to_hf_state_dict(model, mtp), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer_dir is not None:
             for item in Path(tokenizer_dir).iterdir():
                 if item.is_file() and item.name != OWNER_FILE:

@@ -139,8 +139,14 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     help="Replace OUT even if it holds files of something else. Never the model read, a checkpoint, or another "
     "output of this project.",
 )
+@click.option(
+    "--with-mtp",
+    is_flag=True,
+    help="Also write the multi-token prediction modules, as layers after the main ones (DeepSeek-V3's layout), "
+    "for transformers' MTP layers and serving engines. DeepseekV3ForCausalLM lists their keys as UNEXPECTED.",
+)
 @report_user_errors
-def export_hf(model_dir: Path, out_dir: Path, force: bool) -> None:
+def export_hf(model_dir: Path, out_dir: Path, force: bool, with_mtp: bool) -> None:
     """Write a transformers DeepseekV3 directory (config, safetensors, tokenizer).
 
     Load it with transformers.AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).
@@ -148,7 +154,7 @@ def export_hf(model_dir: Path, out_dir: Path, force: bool) -> None:
     from deepseek.hf import export_hf as export
 
     model, _ = load_trained(model_dir)  # fails early and clearly if the tokenizer is missing or does not fit
-    export(model, out_dir, tokenizer_dir=model_dir / TOKENIZER, inputs=[model_dir], force=force)
+    export(model, out_dir, tokenizer_dir=model_dir / TOKENIZER, inputs=[model_dir], force=force, mtp=with_mtp)
     click.echo(f"wrote {out_dir}")
 
 

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -54,16 +55,17 @@ def expert_load(fractions: np.ndarray, layer_names: list[str], path: Path) -> Pa
     """Each MoE layer's share of routed tokens per expert, in percent, as a heatmap centred on the uniform share;
     one row per layer, labelled by layer_names.
 
-    Red is above uniform, blue below, on a symmetric scale, so a balanced model looks pale rather than having
-    its smallest differences stretched over the whole colour map; each cell is labelled with its percentage.
+    The colour scale is fixed, from 0% (blue) through the uniform share (white) to twice it (red; more is drawn
+    as twice), so figures of two runs, such as `dvc plots diff` shows side by side, share one scale; each cell is
+    labelled with its percentage.
     """
     layers, experts = fractions.shape
     percent, uniform = 100 * fractions, 100 / experts
-    spread = max(float(np.abs(percent - uniform).max()), 0.05 * uniform)
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=2 * uniform)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.6 * experts), 1.5 + 0.45 * layers))
-    image = ax.imshow(percent, cmap="RdBu_r", vmin=uniform - spread, vmax=uniform + spread, aspect="auto")
+    image = ax.imshow(percent, cmap="RdBu_r", norm=norm, aspect="auto")
     for (layer, expert), share in np.ndenumerate(percent):
-        dark = abs(share - uniform) > 0.6 * spread
+        dark = abs(share - uniform) > 0.6 * uniform
         ax.text(expert, layer, f"{share:.1f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
     ax.set(
         xlabel="expert",
@@ -73,30 +75,37 @@ def expert_load(fractions: np.ndarray, layer_names: list[str], path: Path) -> Pa
         yticks=range(layers),
         yticklabels=layer_names,
     )
-    fig.colorbar(image, ax=ax, label="% of routed tokens")
+    fig.colorbar(image, ax=ax, label="% of routed tokens", extend="max")
     return _save(fig, path)
 
 
 def study_metrics(
     cells: Iterable[str], metrics: dict[str, str], values: dict[str, dict[str, list[float]]], path: Path
 ) -> Path:
-    """A panel per metric (headed by metrics' headings): each cell's mean as a bar, each run's value as a dot."""
+    """A panel per metric (headed by metrics' headings): each run's value as a dot, each cell's mean as a dash.
+
+    No bars: the axis is zoomed on the runs, which bars (whose length reads from zero) would misstate; the axis
+    label says so, and the ticks are plain values, never an offset such as "1e-5 + 3.683"."""
     cells = list(cells)
     fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 0.9 * len(cells)) * len(metrics), 3.6), squeeze=False)
     for ax, (metric, heading) in zip(axes[0], metrics.items(), strict=True):
         runs = [values[cell][metric] for cell in cells]
-        ax.bar(range(len(cells)), [float(np.mean(v)) if v else np.nan for v in runs], color="tab:blue", alpha=0.35)
         for x, points in enumerate(runs):
             ax.plot([x] * len(points), points, "o", color="tab:blue", markersize=4)
+            if points:
+                ax.plot([x - 0.3, x + 0.3], [float(np.mean(points))] * 2, color="tab:blue", linewidth=2)
         finite = [v for points in runs for v in points]
-        if finite:  # zoom on the differences: bars from zero would hide them
+        if finite:
             low, high = min(finite), max(finite)
             margin = 0.15 * (high - low) or 0.05 * abs(high) or 1.0
             ax.set_ylim(low - margin, high + margin)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.set_xticks(range(len(cells)), cells, rotation=30, ha="right")
-        ax.set(title=heading)
+        ax.set_xlim(-0.6, len(cells) - 0.4)
+        ax.set(title=heading, ylabel="axis zoomed: not from 0")
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    fig.suptitle("dots: runs (one per seed); dash: their mean", fontsize=9, y=0.02, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return _save(fig, path)
 
 
@@ -118,6 +127,7 @@ def study_curves(metric: str, histories: dict[str, list[list[tuple[int, float]]]
     if late:  # the first fifth of training falls steeply and would flatten the differences that matter
         margin = 0.05 * (max(late) - min(late)) or 0.01
         ax.set_ylim(min(late) - margin, max(late) + margin)
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.set(xlabel="optimizer step", ylabel=metric, title=metric)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
     ax.grid(alpha=0.3)

@@ -41,13 +41,35 @@ def test_loss_curves_plot_steps_as_numbers_on_an_integer_axis(tmp_path, drawn):
     np.testing.assert_allclose(ax.get_lines()[2].get_xydata(), [[600, 3.4]])
 
 
-def test_expert_load_is_centred_on_the_uniform_share(tmp_path, drawn):
-    fractions = np.array([[0.4, 0.2, 0.2, 0.2], [0.25, 0.25, 0.25, 0.25]])
+@pytest.mark.parametrize("skew", [0.0, 0.15, 0.7])
+def test_expert_load_has_one_scale_from_zero_centred_on_the_uniform_share(tmp_path, drawn, skew):
+    """Whatever the loads, the colour scale runs from 0% through the uniform share (white) to twice it: two runs'
+    figures compare by colour, and the colour bar never shows a negative share."""
+    fractions = np.array([[0.25 + skew, 0.25, 0.25, 0.25 - skew], [0.25, 0.25, 0.25, 0.25]])
     figures.expert_load(fractions, ["layer 1", "MTP 1"], tmp_path / "load.png")
     (image,) = drawn[0].axes[0].get_images()
     assert [label.get_text() for label in drawn[0].axes[0].get_yticklabels()] == ["layer 1", "MTP 1"]
-    low, high = image.get_clim()
-    assert low + high == pytest.approx(2 * 25.0)  # symmetric about 25%, in percent
-    assert high == pytest.approx(40.0)
+    assert image.get_clim() == (0.0, 50.0)  # in percent
+    assert image.norm(25.0) == pytest.approx(0.5)  # the uniform share at the middle of the colour map
+    colorbar = drawn[0].axes[1]
+    assert min(colorbar.get_ylim()) >= 0 and all(tick >= 0 for tick in colorbar.get_yticks())
     texts = [text.get_text() for text in drawn[0].axes[0].texts]
-    assert texts[:4] == ["40.0", "20.0", "20.0", "20.0"]
+    assert texts[:4] == [f"{100 * share:.1f}" for share in fractions[0]]
+
+
+def test_study_metrics_show_runs_and_means_on_plain_ticks_without_bars(tmp_path, drawn):
+    """Two cells 0.00005 apart: the ticks read as plain values (no "1e-5 + 3.683" offset), no bar suggests a
+    length from zero, and the axis says it is zoomed."""
+    values = {"a": {"loss": [3.68301, 3.68305]}, "b": {"loss": [3.68306, 3.68310]}}
+    figures.study_metrics(["a", "b"], {"loss": "loss"}, values, tmp_path / "metrics.png")
+    (ax,) = drawn[0].axes
+    drawn[0].canvas.draw()
+    assert ax.yaxis.get_offset_text().get_text() == ""
+    ticks = [float(label.get_text()) for label in ax.get_yticklabels() if label.get_text()]
+    assert ticks and all(3.6829 <= tick <= 3.6832 for tick in ticks)  # each tick a value in full
+    assert not ax.patches  # no bars
+    means = [
+        line.get_ydata()[0] for line in ax.get_lines() if len(line.get_xdata()) == 2 and line.get_linestyle() == "-"
+    ]
+    assert means == pytest.approx([3.68303, 3.68308])
+    assert "not from 0" in ax.get_ylabel()

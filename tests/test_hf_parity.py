@@ -197,7 +197,7 @@ def test_mtp_modules_export_as_deepseek_v3_layers_that_transformers_runs_alike(t
 
     config = ModelConfig.from_preset("tiny", mtp_depth=2, first_k_dense_layers=1, num_layers=3)
     ours = randomized(DeepSeekLM(config)).eval()
-    export_hf(ours, tmp_path / "hf")
+    export_hf(ours, tmp_path / "hf", mtp=True)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 2
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     # transformers finds MTP weights by DeepSeek-V3's layer number (61); ours come after 3 layers.
@@ -215,3 +215,17 @@ def test_mtp_modules_export_as_deepseek_v3_layers_that_transformers_runs_alike(t
     back = import_hf(tmp_path / "hf")
     assert back.config == config
     assert all(torch.equal(back.state_dict()[name], tensor) for name, tensor in ours.state_dict().items())
+
+
+def test_by_default_the_export_leaves_out_the_mtp_modules_and_loads_without_unexpected_keys(tmp_path):
+    config = ModelConfig.from_preset("tiny", mtp_depth=2)
+    ours = randomized(DeepSeekLM(config)).eval()
+    export_hf(ours, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    theirs, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert (ours(ids).logits - theirs.eval()(ids).logits).abs().max().item() <= 1e-4
+    back = import_hf(tmp_path / "hf")
+    assert back.config == config.replace(mtp_depth=0)

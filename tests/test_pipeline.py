@@ -121,8 +121,9 @@ def test_a_training_that_fails_midway_leaves_the_other_stages_outputs(repo):
     assert "Running stage 'train'" in result.stdout and "non-finite" in result.stdout + result.stderr
     others = {path: data for path, data in before.items() if not path.startswith(TRAIN_OUTPUTS)}
     assert files_now(repo, others) == others  # data outputs, the evaluation's metrics, figures, the samples
-    run(["git", "checkout", "-q", "params.yaml", "dvc.lock"], repo)
-    run(["dvc", "checkout", "-q"], repo)  # the trained model back from DVC's cache, as docs/operations.md says
+    # Back as docs/operations.md says: git's files (params, lock, the logs), then DVC's (the model, from its cache).
+    run(["git", "checkout", "-q", "--", "."], repo)
+    run(["dvc", "checkout", "-q"], repo)
     assert files_now(repo, before) == before
     assert "up to date" in run(["dvc", "status"], repo).stdout
 
