@@ -6,12 +6,8 @@ import sys
 from pathlib import Path
 
 import click
-import torch
 
-from deepseek.checkpoint import TOKENIZER
 from deepseek.errors import UserError
-from deepseek.generate import stream_text
-from deepseek.speculative import SpeculativeStats
 from stages.check import check
 from stages.data import utf8_text
 from stages.download import download
@@ -22,7 +18,6 @@ from stages.sample import sample
 from stages.study import study
 from stages.tokenize import tokenize
 from stages.train import train
-from stages.trained import load_trained
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,6 +80,13 @@ def generate(
 
     PROMPT '-' reads the prompt from standard input; --prompt-file from a file.
     """
+    # Imported here: the command's time goes to loading the model, and `--help` loads no torch.
+    import torch
+
+    from deepseek.generate import stream_text
+    from deepseek.speculative import SpeculativeStats
+    from stages.trained import load_trained
+
     text = _read_prompt(prompt, prompt_file)
     model, tokenizer = load_trained(model_dir)
     if max_new_tokens > model.config.max_seq_len:
@@ -151,7 +153,9 @@ def export_hf(model_dir: Path, out_dir: Path, force: bool, with_mtp: bool) -> No
 
     Load it with transformers.AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT).
     """
+    from deepseek.checkpoint import TOKENIZER
     from deepseek.hf import export_hf as export
+    from stages.trained import load_trained
 
     model, _ = load_trained(model_dir)  # fails early and clearly if the tokenizer is missing or does not fit
     export(model, out_dir, tokenizer_dir=model_dir / TOKENIZER, inputs=[model_dir], force=force, mtp=with_mtp)

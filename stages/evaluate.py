@@ -8,10 +8,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from deepseek.checkpoint import load_model
-from deepseek.evaluation import evaluate as evaluate_model
 from deepseek.files import write_json, write_text
-from stages import figures, tracking
+from stages import tracking
 from stages.options import params_option, report_user_errors, trained_model_option
 from stages.params import load_params
 from stages.tokenizer import check_vocabulary, load_meta, load_tokens
@@ -31,6 +29,11 @@ from stages.tokenizer import check_vocabulary, load_meta, load_tokens
 @report_user_errors
 def evaluate(params_path: str, model_dir: Path, tokens_dir: Path, reports_dir: Path) -> None:
     """Loss, perplexity, bits per character, accuracy and expert balance on the validation split."""
+    # Imported here, not for `--help`: torch and matplotlib take seconds to load.
+    from deepseek.checkpoint import load_model
+    from deepseek.evaluation import evaluate as evaluate_model
+    from stages import figures
+
     params = load_params(params_path)
     model = load_model(model_dir)
     meta = load_meta(tokens_dir)

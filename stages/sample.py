@@ -6,15 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from deepseek.files import write_json, write_text
-from deepseek.generate import generate_text
-from deepseek.speculative import SpeculativeStats
 from stages import tracking
 from stages.options import params_option, report_user_errors, trained_model_option
 from stages.params import load_params
-from stages.trained import load_trained
 
 
 @click.command()
@@ -30,6 +26,13 @@ from stages.trained import load_trained
 @report_user_errors
 def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
     """Generate a continuation of every prompt in params.yaml `sample.prompts`."""
+    # Imported here, not for `--help`: torch and transformers take seconds to load.
+    import torch
+
+    from deepseek.generate import generate_text
+    from deepseek.speculative import SpeculativeStats
+    from stages.trained import load_trained
+
     params = load_params(params_path).sample
     model, tokenizer = load_trained(model_dir)
     generator = torch.Generator().manual_seed(params.seed)

@@ -14,7 +14,6 @@ import click
 
 from deepseek.errors import UserError
 from deepseek.files import write_text
-from stages import figures
 from stages.options import report_user_errors
 from stages.studies import (
     Study,
@@ -152,6 +151,8 @@ def report(study_path: Path, out_dir: Path | None) -> None:
     unlogged = [metric for metric in plan.metrics if not any(values[cell][metric] for cell in plan.cells)]
     if unlogged:
         raise UserError(f"no run of study {plan.name} has {', '.join(unlogged)}: correct the metrics of {study_path}")
+    from stages import figures  # matplotlib: imported for the drawing, not for `--help`
+
     figure_dir = out_dir / plan.name
     pictures = [figures.study_metrics(plan.cells, plan.metrics, values, figure_dir / "metrics.png")]
     for metric in plan.curves:

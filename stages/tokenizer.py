@@ -11,17 +11,19 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from deepseek.errors import UserError, first_line
 from deepseek.files import DirectoryKind, check_replaceable, replacing_dir
 from stages.data import OUTPUT_FILES as PREPARED_FILES
 from stages.data import PREPARED_DIR
 from stages.params import TokenizerParams
+
+if TYPE_CHECKING:  # transformers loads torch: imported where a tokenizer is made, not for `deepseek --help`
+    from transformers import PreTrainedTokenizerFast
 
 UNK = "<unk>"  # char kind: stands for characters the train split never shows
 EOS = "<|endoftext|>"  # bpe kind: end of text, as in GPT-2
@@ -137,11 +139,15 @@ def _bpe_tokenizer(train_text: str, vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def _wrap(tokenizer: Tokenizer, **special_tokens: str) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     # Without clean_up_tokenization_spaces=False, decode would turn " ." into "." and break the round trip.
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **special_tokens)
 
 
 def _pretrained_tokenizer(name: str) -> PreTrainedTokenizerFast:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as error:  # offline, unknown id, gated repo, bad files: all the user's to fix
@@ -166,6 +172,8 @@ def check_vocabulary(token_ids: int, model_vocab: int, source: str) -> None:
 
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     """The tokenizer that the tokenize stage saved in directory."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     directory = Path(directory)
     if not (directory / TOKENIZER_FILE).is_file():
         raise UserError(f"no tokenizer in {directory}: {RERUN}")

@@ -17,7 +17,7 @@ from stages.tokenizer import build_tokenizer
 
 from pipeline_utils import stage_workspace, tiny_corpus
 
-COMMANDS = ["prepare", "tokenize", "train", "evaluate", "sample", "generate", "export-hf"]
+COMMANDS = ["check", "download", "prepare", "tokenize", "train", "evaluate", "sample", "generate", "export-hf"]
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
@@ -60,6 +60,28 @@ def test_a_model_folder_that_is_not_there_is_called_missing(tmp_path, monkeypatc
     assert result.exit_code == 2
     assert "model/nope does not exist (the train stage writes model/final)" in result.output
     assert "run the train stage first" not in result.output and "Traceback" not in result.output
+
+
+HEAVY = {"torch", "mlflow", "transformers", "dvc", "matplotlib", "datasets"}
+
+
+@pytest.mark.parametrize(
+    "command", [[], *([name] for name in COMMANDS), ["study"], ["study", "run"], ["study", "report"]]
+)
+def test_help_starts_at_once_without_the_heavy_libraries(command):
+    """`deepseek --help` and every command's: the libraries that take seconds to import are imported where a
+    command uses them, never for its help (python -X importtime lists every module a process imports)."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "stages.cli", *command, "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "Usage:" in result.stdout, result.stderr[-2000:]
+    imported = {
+        line.rpartition("|")[2].strip().split(".")[0]
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "click" in imported  # the listing is what it claims to be
+    assert not imported & HEAVY, sorted(imported & HEAVY)
 
 
 def test_generate_options_are_range_checked():
