@@ -18,7 +18,6 @@ from deepseek.files import OWNER_FILE
 from stages.data import (
     OUTPUT_FILES,
     download,
-    download_corpus,
     join_capped,
     read_shakespeare,
     split_text,
@@ -26,7 +25,6 @@ from stages.data import (
     text_stats,
     write_prepared,
 )
-from stages.download import download as download_stage
 from stages.params import DataParams
 from stages.prepare import prepare
 
@@ -202,16 +200,12 @@ def test_smollm_rows_without_text_are_refused(tmp_path):
 
 
 def test_smollm_through_the_cli(standin, tmp_path):
-    """The download stage streams the subset into data.path; prepare splits what it finds there."""
-    out, corpus = tmp_path / "prepared", tmp_path / "smollm.txt"
-    data = {"source": "smollm", "smollm_dataset": str(standin), "smollm_max_chars": 100, "val_fraction": 0.25}
-    data["path"] = str(corpus)
-    result = run_cli(tmp_path, data, out)
-    assert result.exit_code == 1 and "run the download stage first" in result.output  # nothing streamed yet
-    result = CliRunner().invoke(download_stage, ["--params", str(tmp_path / "params.yaml")])
-    assert result.exit_code == 0, result.output
-    assert corpus.read_text() == "\n\n".join(DOCS)[:100]
-    result = run_cli(tmp_path, data, out)
+    out = tmp_path / "prepared"
+    result = run_cli(
+        tmp_path,
+        {"source": "smollm", "smollm_dataset": str(standin), "smollm_max_chars": 100, "val_fraction": 0.25},
+        out,
+    )
     assert result.exit_code == 0, result.output
     stats = json.loads((out / "stats.json").read_text())
     assert stats["source"] == "smollm"
@@ -316,13 +310,3 @@ def test_cli_bad_inputs_fail_in_one_line_without_outputs(tmp_path, content, data
     assert expected.format(port=port) in lines[0]
     assert not out.exists()
     assert sorted(p.name for p in local.parent.iterdir()) == (["input-1.txt"] if content is not None else [])
-
-
-def test_the_smollm_stream_never_replaces_the_corpus_of_data_sha256(standin, tmp_path):
-    corpus = tmp_path / "input-1.txt"
-    corpus.write_text("the shakespeare corpus")
-    sha256 = hashlib.sha256(b"the shakespeare corpus").hexdigest()
-    params = DataParams(source="smollm", smollm_dataset=str(standin), path=str(corpus), sha256=sha256)
-    with pytest.raises(UserError, match=r"holds the corpus of data\.sha256, which the smollm stream would replace"):
-        download_corpus(params)
-    assert corpus.read_text() == "the shakespeare corpus"
