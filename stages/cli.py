@@ -10,6 +10,7 @@ import click
 from deepseek.errors import UserError
 from stages.check import check
 from stages.data import utf8_text
+from stages.download import download
 from stages.evaluate import evaluate
 from stages.options import FiniteFloatRange, model_option, report_user_errors
 from stages.prepare import prepare
@@ -27,7 +28,7 @@ def main() -> None:
     """
 
 
-for command in (check, prepare, tokenize, train, evaluate, sample, study):
+for command in (check, download, prepare, tokenize, train, evaluate, sample, study):
     main.add_command(command)
 
 

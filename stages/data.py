@@ -1,4 +1,4 @@
-"""The prepare stage's library: raw text in; a train/val split and its stats out.
+"""The download and prepare stages' library: the raw corpus obtained; a train/val split and its stats out.
 
 Choices a reader may want to know:
 - The split is contiguous: the first int(len(text) * (1 - val_fraction)) characters are train, the rest val
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,39 +31,81 @@ PREPARED_KIND = DirectoryKind("deepseek prepare", frozenset(OUTPUT_FILES), "stat
 DOWNLOAD_TIMEOUT_S = 30
 DOCUMENT_SEPARATOR = "\n\n"
 MIN_SPLIT_CHARS = 2  # one next-character prediction on each side of the split
+EXPERIMENT_COPIES = (".dvc", "tmp", "exps")  # where DVC copies the repository for a queued experiment
+
+
+def download_corpus(params: DataParams) -> Path:
+    """The raw corpus at data.path, where the download stage keeps it: for shakespeare the file there, downloaded
+    from data.url if missing, checked against data.sha256; for smollm the first data.smollm_max_chars characters
+    of the dataset, streamed into it."""
+    path = Path(params.path)
+    if params.source == "shakespeare":
+        read_shakespeare(path, params.url, params.sha256)
+        return path
+    if path.is_file() and _sha256(path.read_bytes()) == params.sha256:
+        raise UserError(
+            f"{path} holds the corpus of data.sha256, which the smollm stream would replace: set data.path to "
+            f"another file for the stream (for example data/smollm.txt)"
+        )
+    text = stream_smollm(params.smollm_dataset, params.smollm_subset, params.smollm_max_chars)
+    with atomic_file(path) as temp:
+        temp.write_text(text, encoding="utf-8", newline="")
+    return path
 
 
 def prepare_corpus(params: DataParams, out_dir: str | Path = PREPARED_DIR) -> dict[str, Any]:
-    """Obtain the text, split it, and write train.txt, val.txt and stats.json into out_dir; returns the stats."""
-    # Refuse a bad output folder before a download or a long stream, not after.
+    """Split the raw corpus and write train.txt, val.txt and stats.json into out_dir; returns the stats."""
+    # Refuse a bad output folder before a download, not after.
     check_replaceable(out_dir, PREPARED_KIND, inputs=[params.path])
-    text = obtain_text(params)
+    text = read_corpus(params)
     train, val = split_text(text, params.val_fraction)
     stats = {"source": params.source, **text_stats(text), "train_characters": len(train), "val_characters": len(val)}
     write_prepared(out_dir, train, val, stats, inputs=[params.path])
     return stats
 
 
-def obtain_text(params: DataParams) -> str:
-    """The raw corpus named by data.source."""
-    if params.source == "smollm":
-        return stream_smollm(params.smollm_dataset, params.smollm_subset, params.smollm_max_chars)
-    return read_shakespeare(params.path, params.url, params.sha256)
+def read_corpus(params: DataParams) -> str:
+    """The raw corpus at data.path: shakespeare's checked against data.sha256 (and downloaded if missing, for a
+    prepare run by hand); smollm's as the download stage streamed it."""
+    if params.source == "shakespeare":
+        return read_shakespeare(params.path, params.url, params.sha256)
+    if not Path(params.path).exists():
+        raise UserError(f"{params.path} not found: run the download stage first (dvc repro download)")
+    return read_text_file(params.path)
 
 
 def read_shakespeare(path: str | Path, url: str, sha256: str) -> str:
-    """The text at path, downloaded from url first if missing; its sha256 must match either way."""
+    """The text at path, obtained first if missing (from the project's own copy in a queued experiment, else from
+    url); its sha256 must match either way."""
     path = Path(path)
     if not path.exists():
-        download(url, path, sha256)
+        project_copy = experiment_origin(path)
+        if project_copy is not None and project_copy.is_file() and _sha256(project_copy.read_bytes()) == sha256:
+            with atomic_file(path) as temp:
+                shutil.copyfile(project_copy, temp)
+        else:
+            download(url, path, sha256)
     text = read_text_file(path)
-    actual = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    actual = _sha256(text.encode("utf-8"))
     if actual != sha256:
         raise UserError(
             f"{path} has sha256 {actual} but data.sha256 is {sha256}: set data.sha256 to {actual} "
             f"if this is the text you want, or replace the file (delete it to download data.url again)"
         )
     return text
+
+
+def experiment_origin(path: Path) -> Path | None:
+    """path in the project a queued (or --temp) experiment came from, or None outside one.
+
+    DVC runs such experiments in a copy of the repository under .dvc/tmp/exps/, without git-ignored files such
+    as the corpus; the project's own corpus, checked against data.sha256, spares a download (and works offline).
+    """
+    here = Path.cwd().resolve().parts
+    for start in range(len(here) - len(EXPERIMENT_COPIES)):
+        if here[start : start + len(EXPERIMENT_COPIES)] == EXPERIMENT_COPIES:
+            return Path(*here[:start]) / path
+    return None
 
 
 def download(url: str, dest: str | Path, sha256: str) -> None:
@@ -188,7 +231,7 @@ def text_stats(text: str) -> dict[str, Any]:
         "characters": len(text),
         "lines": text.count("\n") + (1 if text and not text.endswith("\n") else 0),
         "unique_characters": len(set(text)),
-        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "sha256": _sha256(text.encode("utf-8")),
     }
 
 
@@ -201,6 +244,10 @@ def write_prepared(
         (staging / "train.txt").write_text(train, encoding="utf-8", newline="")
         (staging / "val.txt").write_text(val, encoding="utf-8", newline="")
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _reason(error: BaseException) -> str:

@@ -58,7 +58,6 @@ class Study:
     seeds: list[int]
     metrics: dict[str, str]  # MLflow metric (or numeric tag) -> the report's column heading
     curves: list[str] = field(default_factory=list)  # metric histories the report plots by step
-    corpus: str = ""  # params.yaml's data.path: what every trial reads unless its cell sets data.path
 
     def trials(self) -> list[Trial]:
         """Every (cell, seed), cells in the file's order."""
@@ -114,7 +113,6 @@ def load_study(path: str | Path) -> Study:
         seeds=_seeds(values.get("seeds"), path),
         metrics=_mapping_of_strings(values.get("metrics"), f"{path}: metrics"),
         curves=_list_of_strings(values.get("curves") or [], f"{path}: curves"),
-        corpus=str(base.get("data", {}).get("path", "")),
     )
     for trial in study.trials():
         _check_params(trial, base, path)

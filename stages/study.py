@@ -65,7 +65,7 @@ def run(study_path: Path, jobs: int, dry_run: bool) -> None:
         click.echo(f"  {trial.name}")
     if dry_run or not todo:
         return
-    seconds = _run_queue(todo, plan.corpus, jobs)
+    seconds = _run_queue(todo, jobs)
     now_done = complete_runs(plan, runs_of(plan))
     failed = [trial for trial in todo if trial not in now_done]
     tokens = sum(now_done[t].data.metrics.get("final.tokens", 0) for t in todo if t in now_done)
@@ -80,13 +80,12 @@ def run(study_path: Path, jobs: int, dry_run: bool) -> None:
         )
 
 
-def _run_queue(trials: list[Trial], default_corpus: str, jobs: int) -> float:
-    """Queue the trials (default_corpus: the data.path of those that set none) and run DVC's queue, jobs at a
-    time; returns the seconds it took."""
+def _run_queue(trials: list[Trial], jobs: int) -> float:
+    """Queue the trials and run DVC's queue, jobs at a time; returns the seconds it took."""
     from dvc.exceptions import DvcException
 
     try:
-        _queue(trials, default_corpus)
+        _queue(trials)
     except DvcException as error:  # not a DVC repository, no commit yet, ...
         raise UserError(f"dvc cannot queue experiments here: {error}; run from the project's root") from None
     started = time.monotonic()
@@ -94,9 +93,8 @@ def _run_queue(trials: list[Trial], default_corpus: str, jobs: int) -> float:
     return time.monotonic() - started
 
 
-def _queue(trials: list[Trial], default_corpus: str) -> None:
-    """`dvc exp run --queue` each trial, unless DVC has it queued or running already. default_corpus: the
-    data.path of the trials that set none."""
+def _queue(trials: list[Trial]) -> None:
+    """`dvc exp run --queue` each trial, unless DVC has it queued or running already."""
     from dvc.repo import Repo
 
     with Repo() as repo:
@@ -108,9 +106,6 @@ def _queue(trials: list[Trial], default_corpus: str) -> None:
             continue
         command = ["dvc", "exp", "run", "--queue", "--name", trial.name]
         command += [f"--set-param={key}={_dvc_value(value)}" for key, value in trial.params.items()]
-        # Queued experiments run in a copy of the repository, without git-ignored files such as the corpus.
-        corpus = Path(str(trial.params.get("data.path", default_corpus)))
-        command += ["--copy-paths", str(corpus)] if corpus.is_file() and not corpus.is_absolute() else []
         # An experiment of this name that MLflow does not hold complete is this command's earlier try: replace it.
         command += ["--force"] if trial.name in existing else []
         result = subprocess.run(command, capture_output=True, text=True)

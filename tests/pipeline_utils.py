@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The real corpus: where the README puts it (data/input-1.txt), else in shared/ beside the checkout, as CI has it.
 CORPUS_PLACES = (ROOT / "data" / "input-1.txt", ROOT.parent / "shared" / "data" / "input-1.txt")
 REAL_CORPUS = next((path for path in CORPUS_PLACES if path.is_file()), CORPUS_PLACES[0])
-STAGES = ("check", "prepare", "tokenize", "train", "evaluate", "sample")
+STAGES = ("check", "download", "prepare", "tokenize", "train", "evaluate", "sample")
 
 TINY_PARAMS = {
     "model": {"preset": "tiny"},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,12 @@ def test_a_fresh_clone_pulls_the_model_and_an_experiment(tracked_repo: Path, tmp
     assert not (fresh / "model" / "final").exists() and not (fresh / "data" / "tokens").exists()
     run(["dvc", "pull"], fresh)
     assert digests(fresh, outputs) == shared
-    assert not (fresh / "data" / "input-1.txt").exists()  # the corpus is neither in git nor a DVC output
+    corpus = "data/input-1.txt"  # the download stage's output, never cached: neither in git nor in the remote
+    assert not (fresh / corpus).exists()
+    assert json.loads(run(["dvc", "status", "--json"], fresh).stdout)["download"] == [
+        {"changed outs": {corpus: "deleted"}}
+    ]
+    shutil.copy(first / corpus, fresh / corpus)  # as the README says to, offline
     assert run(["git", "status", "--porcelain"], fresh).stdout == ""
     assert json.loads(run(["dvc", "status", "--json"], fresh).stdout) == {}  # nothing to reproduce
 

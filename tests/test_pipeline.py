@@ -84,7 +84,7 @@ def test_exported_model_generates_what_deepseek_generate_does(repo):
 
 
 def completed(repo: Path) -> dict[str, bytes]:
-    """The pipeline run and committed; returns every output file of its stages, by path."""
+    """The pipeline run and committed; returns every output file of the stages after download, by path."""
     if "up to date" not in run(["dvc", "status"], repo).stdout:
         run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
@@ -125,6 +125,32 @@ def test_a_training_that_fails_midway_leaves_the_other_stages_outputs(repo):
     run(["git", "checkout", "-q", "--", "."], repo)
     run(["dvc", "checkout", "-q"], repo)
     assert files_now(repo, before) == before
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+
+
+@pytest.mark.slow
+def test_a_removed_or_edited_corpus_is_seen_by_dvc_and_never_replaced(repo):
+    completed(repo)
+    corpus = repo / "data" / "input-1.txt"
+    text = corpus.read_text()
+    corpus.unlink()
+    status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+    assert status["download"] == [{"changed outs": {"data/input-1.txt": "deleted"}}]
+    assert status["prepare"] == [{"changed deps": {"data/input-1.txt": "deleted"}}]
+    # The stage fetches data.url again: offline that fails, and online the text is not the tiny corpus of
+    # data.sha256; either way with one line, and nothing is written.
+    result = run(["dvc", "repro"], repo, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and ("offline?" in output or "data.sha256" in output)
+    assert "Traceback" not in result.stderr and not corpus.exists()
+    corpus.write_text(text + "an edit")
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout)["download"] == [
+        {"changed outs": {"data/input-1.txt": "modified"}}
+    ]
+    result = run(["dvc", "repro"], repo, check=False)  # the download stage refuses a corpus of another sha256
+    assert result.returncode != 0 and "has sha256" in result.stderr + result.stdout
+    assert corpus.read_text() == text + "an edit"  # refused, not replaced
+    corpus.write_text(text)
     assert "up to date" in run(["dvc", "status"], repo).stdout
 
 

@@ -18,6 +18,7 @@ from deepseek.files import OWNER_FILE
 from stages.data import (
     OUTPUT_FILES,
     download,
+    download_corpus,
     join_capped,
     read_shakespeare,
     split_text,
@@ -25,6 +26,7 @@ from stages.data import (
     text_stats,
     write_prepared,
 )
+from stages.download import download as download_stage
 from stages.params import DataParams
 from stages.prepare import prepare
 
@@ -148,6 +150,25 @@ def test_local_file_with_another_sha256_is_refused(tmp_path):
         read_shakespeare(local, "http://127.0.0.1:1/never-fetched", "0" * 64)
 
 
+@pytest.mark.parametrize("project_text", [SMALL_TEXT, "another text"])
+def test_a_queued_experiment_takes_the_projects_own_corpus_if_it_matches(tmp_path, monkeypatch, project_text):
+    """DVC runs a queued experiment in a copy under .dvc/tmp/exps/ without the git-ignored corpus."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "input-1.txt").write_text(project_text)
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmp1a2b3c"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    unreachable = f"http://127.0.0.1:{free_port()}/input.txt"
+    if project_text == SMALL_TEXT:
+        assert read_shakespeare("data/input-1.txt", unreachable, sha256_of(SMALL_TEXT)) == SMALL_TEXT
+        assert (copy / "data" / "input-1.txt").read_text() == SMALL_TEXT
+    else:  # another sha256: not taken, so the download is tried (and fails here)
+        with pytest.raises(UserError, match="could not download"):
+            read_shakespeare("data/input-1.txt", unreachable, sha256_of(SMALL_TEXT))
+        assert not (copy / "data" / "input-1.txt").exists()
+    assert (tmp_path / "data" / "input-1.txt").read_text() == project_text  # the project's copy untouched
+
+
 # --- smollm: a local stand-in for the hub -----------------------------------------------------------------------
 
 
@@ -200,12 +221,16 @@ def test_smollm_rows_without_text_are_refused(tmp_path):
 
 
 def test_smollm_through_the_cli(standin, tmp_path):
-    out = tmp_path / "prepared"
-    result = run_cli(
-        tmp_path,
-        {"source": "smollm", "smollm_dataset": str(standin), "smollm_max_chars": 100, "val_fraction": 0.25},
-        out,
-    )
+    """The download stage streams the subset into data.path; prepare splits what it finds there."""
+    out, corpus = tmp_path / "prepared", tmp_path / "smollm.txt"
+    data = {"source": "smollm", "smollm_dataset": str(standin), "smollm_max_chars": 100, "val_fraction": 0.25}
+    data["path"] = str(corpus)
+    result = run_cli(tmp_path, data, out)
+    assert result.exit_code == 1 and "run the download stage first" in result.output  # nothing streamed yet
+    result = CliRunner().invoke(download_stage, ["--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert corpus.read_text() == "\n\n".join(DOCS)[:100]
+    result = run_cli(tmp_path, data, out)
     assert result.exit_code == 0, result.output
     stats = json.loads((out / "stats.json").read_text())
     assert stats["source"] == "smollm"
@@ -310,3 +335,13 @@ def test_cli_bad_inputs_fail_in_one_line_without_outputs(tmp_path, content, data
     assert expected.format(port=port) in lines[0]
     assert not out.exists()
     assert sorted(p.name for p in local.parent.iterdir()) == (["input-1.txt"] if content is not None else [])
+
+
+def test_the_smollm_stream_never_replaces_the_corpus_of_data_sha256(standin, tmp_path):
+    corpus = tmp_path / "input-1.txt"
+    corpus.write_text("the shakespeare corpus")
+    sha256 = hashlib.sha256(b"the shakespeare corpus").hexdigest()
+    params = DataParams(source="smollm", smollm_dataset=str(standin), path=str(corpus), sha256=sha256)
+    with pytest.raises(UserError, match=r"holds the corpus of data\.sha256, which the smollm stream would replace"):
+        download_corpus(params)
+    assert corpus.read_text() == "the shakespeare corpus"
