@@ -24,23 +24,27 @@ from deepseek.config import ModelConfig
 from deepseek.errors import UserError, first_line
 from deepseek.files import OWNER_FILE, DirectoryKind, remove_dir, remove_leftovers, replacing_dir
 from deepseek.model import DeepSeekLM
+from deepseek.versions import versions, warn_if_different
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAINER_STATE = "trainer_state.pt"
 INFO = "checkpoint.json"
 TOKENIZER = "tokenizer"
+ENVIRONMENT = "environment.json"  # in a saved model: the library versions it was made with
 SUPERSEDED = "superseded"  # in the checkpoints folder: checkpoints of other params, data or code, set aside
-MODEL_DIR = DirectoryKind("deepseek's save_model", frozenset({CONFIG, WEIGHTS, TOKENIZER}), WEIGHTS)
+MODEL_DIR = DirectoryKind("deepseek's save_model", frozenset({CONFIG, WEIGHTS, TOKENIZER, ENVIRONMENT}), WEIGHTS)
 CHECKPOINT_DIR = DirectoryKind("deepseek's save_checkpoint", frozenset({CONFIG, WEIGHTS, TRAINER_STATE, INFO}), INFO)
 
 
 def save_model(model: DeepSeekLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """config.json + model.safetensors, and a copy of the tokenizer so the directory stands alone."""
+    """config.json + model.safetensors, the library versions, and a copy of the tokenizer so the directory
+    stands alone."""
     inputs = [tokenizer_dir] if tokenizer_dir is not None else []
     with replacing_dir(out_dir, MODEL_DIR, inputs=inputs) as tmp:
         model.config.to_json(tmp / CONFIG)
         save_safetensors_model(model, str(tmp / WEIGHTS))
+        (tmp / ENVIRONMENT).write_text(json.dumps(versions(), indent=2) + "\n")
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER, ignore=shutil.ignore_patterns(OWNER_FILE))
     return Path(out_dir)
@@ -67,6 +71,9 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Dee
         raise UserError(
             f"{model_dir / WEIGHTS} does not match {CONFIG}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+    # A saved model records its environment in its own file; a checkpoint, in checkpoint.json.
+    recorded = _read_json(model_dir / ENVIRONMENT) or _read_json(model_dir / INFO).get("environment")
+    warn_if_different(recorded, str(model_dir))
     return model.to(device).eval()
 
 
@@ -93,7 +100,8 @@ def save_checkpoint(
         save_safetensors_model(model, str(tmp / WEIGHTS))
         torch.save(trainer_state, tmp / TRAINER_STATE)
         hashes = {name: _sha256(tmp / name) for name in (CONFIG, WEIGHTS, TRAINER_STATE)}
-        (tmp / INFO).write_text(json.dumps({"step": step, "sha256": hashes, **info}, indent=2) + "\n")
+        record = {"step": step, "sha256": hashes, "environment": versions(), **info}
+        (tmp / INFO).write_text(json.dumps(record, indent=2) + "\n")
     for old in list_checkpoints(directory)[:-keep]:
         remove_dir(old)  # a kill mid-way leaves a trash copy for the next run to remove, never half a checkpoint
     return path
@@ -156,7 +164,7 @@ def find_resume_point(directory: str | Path, fingerprint: dict[str, str]) -> Res
         ):
             remove_dir(incomplete)
     checkpoints = list_checkpoints(directory)
-    foreign = [c for c in checkpoints if _read_info(c).get("fingerprint") != fingerprint]
+    foreign = [c for c in checkpoints if _read_json(c / INFO).get("fingerprint") != fingerprint]
     if foreign:
         _set_aside(foreign, directory, fingerprint)
     for checkpoint in reversed([c for c in checkpoints if c not in foreign]):
@@ -169,7 +177,7 @@ def find_resume_point(directory: str | Path, fingerprint: dict[str, str]) -> Res
 
 def _set_aside(checkpoints: list[Path], directory: Path, fingerprint: dict[str, str]) -> None:
     """Move checkpoints of another fingerprint to directory/superseded/NAME, and say why and where."""
-    theirs = _read_info(checkpoints[-1]).get("fingerprint")
+    theirs = _read_json(checkpoints[-1] / INFO).get("fingerprint")
     changed = (
         [part for part in fingerprint if theirs.get(part) != fingerprint[part]]
         if isinstance(theirs, dict)
@@ -190,15 +198,17 @@ def _short_id(fingerprint: Any) -> str:
     return run_fingerprint(fingerprint)[:8]
 
 
-def _read_info(checkpoint: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in path; {} for a missing or damaged file."""
     try:
-        return json.loads((checkpoint / INFO).read_text())
+        value = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _load_resume_point(checkpoint: Path) -> ResumePoint:
-    info = _read_info(checkpoint)
+    info = _read_json(checkpoint / INFO)
     if "sha256" not in info:
         raise UserError(f"{checkpoint / INFO} is damaged")
     for name, expected in info["sha256"].items():

@@ -35,13 +35,23 @@ def describe_machine(device: torch.device, threads: bool = True) -> str:
 
 
 def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags as Linux lists them (avx512_bf16, amx_bf16, ...); empty elsewhere."""
+    return _cpuinfo("flags")
+
+
+def _cpuinfo(field: str) -> str:
+    """The first CPU's `field` in /proc/cpuinfo; empty where there is none (not Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
+    except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
 
 
 def native_bf16_units() -> list[str]:

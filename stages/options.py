@@ -1,11 +1,12 @@
 """What the pipeline's commands share: the --params option, the model option, and how they report errors (the
-user's mistakes as one line, everything else as is)."""
+user's mistakes as one line, everything else as is) and a model of other library versions (one line)."""
 
 from __future__ import annotations
 
 import errno
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from deepseek.errors import UserError
+from deepseek.versions import EnvironmentWarning
 from stages.params import PARAMS_FILE
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,7 +72,9 @@ def report_user_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():  # restores showwarning after the command
+                warnings.showwarning = _one_line_for_environment(warnings.showwarning)
+                return command(*args, **kwargs)
         except UserError as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:
@@ -80,3 +84,16 @@ def report_user_errors(command: F) -> F:
             raise click.ClickException(f"no space left on the device{where}: free some space and rerun") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _one_line_for_environment(show: Callable[..., None]) -> Callable[..., None]:
+    """warnings.showwarning that prints an EnvironmentWarning as one 'Warning: ...' line, without the file and
+    line of code, and every other warning as `show` does."""
+
+    def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, EnvironmentWarning):
+            click.echo(f"Warning: {message}", err=True)
+        else:
+            show(message, category, *args, **kwargs)
+
+    return show_warning

@@ -27,11 +27,16 @@ from deepseek.files import process_alive
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 EXPERIMENT = "deepseek-repro"
 KNOWN_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 RUN_FILE = "mlflow_run.json"  # in the reports directory: the DVC output that hands the run id to evaluate and sample
 T = TypeVar("T")
+# System metrics: a sample every 10 s, a point (their mean) every 30 s. The sampling thread costs well under 1% of
+# a training's time (benchmarks/system_metrics.py measures it).
+SYSTEM_METRICS_INTERVAL_S = 10.0
+SYSTEM_METRICS_SAMPLES = 3
 
 # Fail fast when a tracking server is down rather than retrying for minutes in the training loop.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -184,6 +189,7 @@ class Run:
 
     def __init__(self, mlflow_client: MlflowClient | None, run_id: str | None) -> None:
         self.client, self.run_id = mlflow_client, run_id
+        self._system_metrics: SystemMetricsMonitor | None = None
 
     @classmethod
     def start(cls, params: dict[str, Any], tags: dict[str, str]) -> Run:
@@ -306,7 +312,30 @@ class Run:
         elif files:
             self._do(lambda client, run_id: client.log_artifact(run_id, str(path), artifact_path), deadline)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._do(lambda client, run_id: client.log_text(run_id, text, artifact_file))
+
+    def monitor_system(self, resumed: bool) -> None:
+        """Log MLflow's system metrics (CPU, memory, disk, network; the GPU's where pynvml is installed) until
+        finish(): a point every SYSTEM_METRICS_SAMPLES x SYSTEM_METRICS_INTERVAL_S seconds, averaged."""
+        if not self.active:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+            samples_before_logging=SYSTEM_METRICS_SAMPLES,
+            resume_logging=resumed,  # a resumed training's points go on after the interrupted one's
+            tracking_uri=tracking_uri(),
+        )
+        monitor.start()
+        self._system_metrics = monitor
+
     def finish(self, status: str = "FINISHED") -> None:
+        if self._system_metrics is not None:
+            self._system_metrics.finish()
+            self._system_metrics = None
         self.flush()
         self._do(lambda client, run_id: client.set_terminated(run_id, status))
 
@@ -362,6 +391,7 @@ def log_model(run: Run, model_dir: Path, register_as: str | None, alias: str) ->
     import mlflow
 
     from deepseek import checkpoint
+    from stages.environment import serving_requirements
 
     try:
         with _fluent_tracking_uri(), mlflow.start_run(run_id=run.run_id):
@@ -370,7 +400,7 @@ def log_model(run: Run, model_dir: Path, register_as: str | None, alias: str) ->
                 python_model=str(Path(__file__).with_name("mlflow_model.py")),
                 artifacts={"model": str(model_dir)},
                 code_paths=[str(Path(checkpoint.__file__).parent)],  # the model library, which loads the weights
-                pip_requirements=["torch", "safetensors", "numpy", "transformers"],
+                pip_requirements=serving_requirements(),  # the versions it was trained and evaluated with
             )
         if register_as:
             with _fluent_tracking_uri():

@@ -42,7 +42,8 @@ from deepseek.trainer import (
     resolve_dtype,
     seed_everything,
 )
-from stages import tracking
+from deepseek.versions import warn_if_different
+from stages import environment, tracking
 from stages.code import code_version
 from stages.params import DataParams, Params, SampleParams, load_params
 from stages.tokenizer import load_meta, load_tokenizer, load_tokens
@@ -114,6 +115,8 @@ def _resume_point(checkpoint_dir: Path, fingerprint: dict[str, str], max_steps: 
     if resume is not None and resume.info["step"] >= max_steps:
         click.echo(f"{resume.path} is a finished training of these params, data and code: training again")
         return None
+    if resume is not None:
+        warn_if_different(resume.info.get("environment"), f"the checkpoint {resume.path}")
     return resume
 
 
@@ -160,6 +163,7 @@ def _tracking_run(
     if resume is not None and resume.info.get("mlflow_run_id"):
         run = tracking.Run.attach(resume.info["mlflow_run_id"])
         run.claim()
+        run.monitor_system(resumed=True)
         return run
     # The model section as it resolved (its nulls are the preset's values), so runs compare by what they trained.
     logged = params.values | {"model": {"preset": params.model.preset, **model_config}}
@@ -167,6 +171,8 @@ def _tracking_run(
     run.log_dataset(stats, source=_corpus_uri(params.data))
     run.log_artifact(params_path)
     run.log_artifact(tokenizer_dir, "tokenizer")
+    run.log_text(environment.pip_freeze(), f"environment/{environment.FREEZE_FILE}")
+    run.monitor_system(resumed=False)
     return run
 
 
@@ -217,6 +223,7 @@ def _run_tags(
         "train.precision_reason": precision_reason(params.train.dtype, device),  # what auto saw on this machine
         "train.device": device.type,
         "machine": describe_machine(device, threads=False),  # train.threads may change them while it runs
+        **environment.tags(device, tracking.project_root()),
     }
     tags |= {f"model.parameters.{kind}": str(count) for kind, count in counts.items()}
     tags |= {
