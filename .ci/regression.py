@@ -34,21 +34,12 @@ from deepseek.evaluation import autocast
 from deepseek.files import write_json
 from deepseek.model import DeepSeekLM
 from deepseek.trainer import build_optimizer, describe_precision, resolve_dtype, training_loss
+from stages.comparison import TOLERANCES, Row, compare, render
 from stages.params import load_yaml, parse_params
 
 PROFILE = Path(".ci/profile.yaml")
-TOLERANCES = Path(".ci/tolerances.yaml")
 BASELINE = Path(".ci/baseline.json")
 METRICS = "reports/metrics.json"  # the evaluate stage's DVC metrics
-
-
-@dataclass
-class Row:
-    metric: str
-    baseline: str
-    now: str
-    tolerance: str
-    ok: bool
 
 
 # --- dvc.lock freshness ---------------------------------------------------------------------------------------
@@ -304,32 +295,6 @@ def measure(workdir: Path, params: dict[str, Any], baseline: dict[str, Any] | No
     result["precision"] = (dtype, other, precision)
     result["throughput_spread"] = f"{throughput}\n{precision}"
     return result
-
-
-# --- comparing --------------------------------------------------------------------------------------------------
-
-
-def compare(baseline: dict[str, float], now: dict[str, float], tolerances: dict[str, dict]) -> list[Row]:
-    rows = []
-    for metric, rule in tolerances.items():
-        old, new = baseline[metric], now[metric]
-        lower = rule["direction"] == "lower"
-        allowed = rule.get("abs", 0.0) + rule.get("rel", 0.0) * abs(old)
-        worse_by = new - old if lower else old - new
-        limit = old + allowed if lower else old - allowed
-        tolerance = (
-            f"{'<=' if lower else '>='} {limit:.4f} ({'+' if lower else '-'}"
-            + (f"{rule['abs']}" if "abs" in rule else f"{rule['rel']:.0%}")
-            + ")"
-        )
-        rows.append(Row(metric, f"{old:.4f}", f"{new:.4f}", tolerance, worse_by <= allowed + 1e-12))
-    return rows
-
-
-def render(rows: list[Row]) -> str:
-    lines = ["| metric | baseline | now | tolerance | verdict |", "| --- | ---: | ---: | --- | --- |"]
-    lines += [f"| {r.metric} | {r.baseline} | {r.now} | {r.tolerance} | {'PASS' if r.ok else 'FAIL'} |" for r in rows]
-    return "\n".join(lines)
 
 
 def _parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:

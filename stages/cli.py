@@ -1,4 +1,5 @@
-"""The `deepseek` command: the pipeline stages, plus generation and export from a trained model."""
+"""The `deepseek` command: the pipeline stages, plus generation and export from a trained model, and a report
+comparing two runs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from stages.download import download
 from stages.evaluate import evaluate
 from stages.options import FiniteFloatRange, model_option, report_user_errors
 from stages.prepare import prepare
+from stages.report import report
 from stages.sample import sample
 from stages.study import study
 from stages.tokenize import tokenize
@@ -28,7 +30,7 @@ def main() -> None:
     """
 
 
-for command in (check, download, prepare, tokenize, train, evaluate, sample, study):
+for command in (check, download, prepare, tokenize, train, evaluate, sample, study, report):
     main.add_command(command)
 
 

@@ -51,6 +51,20 @@ def loss_curves(
     return _save(fig, path)
 
 
+def compared_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """The training loss of two or more runs by step, one line each, named by the run."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for index, (name, points) in enumerate(curves.items()):
+        # The first wide and pale beneath the others: curves that coincide still both show.
+        width, alpha = (4.0, 0.4) if index == 0 else (1.3, 1.0)
+        ax.plot([step for step, _ in points], [loss for _, loss in points], label=name, linewidth=width, alpha=alpha)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="Training loss (logging window)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
 def expert_load(fractions: np.ndarray, layer_names: list[str], path: Path) -> Path:
     """Each MoE layer's share of routed tokens per expert, in percent, as a heatmap centred on the uniform share;
     one row per layer, labelled by layer_names.

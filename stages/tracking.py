@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -322,6 +323,8 @@ class Run:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        # Its INFO lines (started, stopped, no GPU here) would only interleave with the training's progress bar.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         monitor = SystemMetricsMonitor(
             self.run_id,
             sampling_interval=SYSTEM_METRICS_INTERVAL_S,

@@ -38,6 +38,7 @@ DOC_FILES = [
     ),
     ROOT / "docs" / "studies" / "README.md",
     ROOT / "benchmarks" / "README.md",
+    ROOT / "docs" / "environment.md",
     ROOT / "docs" / "team.md",  # last: it applies an experiment to the workspace
 ]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
@@ -50,6 +51,7 @@ BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes (or a GPU);
     "expert_shapes": "--preset tiny --tokens 256 --steps 2 --matmuls 4 --threads 1",  # CPU only: oneDNN's shapes
     "gpu_check": "--dry-run --threads 1",
     "busy_machine": "--preset tiny --seq-len 32 --steps 11",  # its trainings choose their threads themselves
+    "system_metrics": "--seconds 1 --rounds 1",
 }
 
 
