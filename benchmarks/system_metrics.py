@@ -65,7 +65,7 @@ def monitored(count: int, interval: float, samples: int, uri: str) -> tuple[floa
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(min=1), help="Workload length.")
+@click.option("--seconds", default=30.0, show_default=True, type=click.FloatRange(min=1), help="Workload length.")
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds.")
 @json_option
 def main(seconds: float, rounds: int, json_path: Path | None) -> None:
