@@ -126,7 +126,8 @@ def study_metrics(
 def study_curves(metric: str, histories: dict[str, list[list[tuple[int, float]]]], path: Path) -> Path:
     """metric by step per cell: the mean over the cell's runs, each run's own curve faint behind it."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    late: list[float] = []
+    late: list[float] = []  # every run's values after its first fifth: the axis shows them all
+    every: list[float] = []
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, (cell, runs) in enumerate(histories.items()):
         colour = colours[index % len(colours)]
@@ -134,15 +135,21 @@ def study_curves(metric: str, histories: dict[str, list[list[tuple[int, float]]]
             continue
         for points in runs:
             ax.plot(*zip(*points, strict=True), color=colour, alpha=0.25, linewidth=0.8)
+            values = [value for _, value in points]
+            late += values[len(values) // 5 :]
+            every += values
         steps = sorted(set.intersection(*(set(step for step, _ in points) for points in runs)))
         means = [float(np.mean([dict(points)[step] for points in runs])) for step in steps]
         ax.plot(steps, means, color=colour, label=f"{cell} (mean of {len(runs)})")
-        late += means[len(means) // 5 :]
+    ylabel = metric
     if late:  # the first fifth of training falls steeply and would flatten the differences that matter
         margin = 0.05 * (max(late) - min(late)) or 0.01
-        ax.set_ylim(min(late) - margin, max(late) + margin)
+        low, high = min(late) - margin, max(late) + margin
+        ax.set_ylim(low, high)
+        if any(not low <= value <= high for value in every):
+            ylabel = f"{metric} (early steps off the axis)"
     ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-    ax.set(xlabel="optimizer step", ylabel=metric, title=metric)
+    ax.set(xlabel="optimizer step", ylabel=ylabel, title=metric)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
     ax.grid(alpha=0.3)
     ax.legend()

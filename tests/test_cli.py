@@ -17,7 +17,18 @@ from stages.tokenizer import build_tokenizer
 
 from pipeline_utils import stage_workspace, tiny_corpus
 
-COMMANDS = ["check", "download", "prepare", "tokenize", "train", "evaluate", "sample", "generate", "export-hf", "report"]
+COMMANDS = [
+    "check",
+    "download",
+    "prepare",
+    "tokenize",
+    "train",
+    "evaluate",
+    "sample",
+    "generate",
+    "export-hf",
+    "report",
+]
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])

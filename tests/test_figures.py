@@ -73,3 +73,26 @@ def test_study_metrics_show_runs_and_means_on_plain_ticks_without_bars(tmp_path,
     ]
     assert means == pytest.approx([3.68303, 3.68308])
     assert "not from 0" in ax.get_ylabel()
+
+
+def test_study_curves_keep_every_runs_late_values_on_the_axis(tmp_path, drawn):
+    """The axis zooms past the steep first fifth, but never cuts off a run's later points, and says when early
+    points fall off it."""
+    steep = [(step, 10.0 / step) for step in range(1, 21)]  # falls from 10 to 0.5
+    outlier = [(step, 1.0 + (0.8 if step == 15 else 0.0)) for step in range(1, 21)]  # one late high point
+    figures.study_curves("loss", {"a": [steep, outlier], "b": [steep]}, tmp_path / "loss.png")
+    (ax,) = drawn[0].axes
+    low, high = ax.get_ylim()
+    late = [value for points in (steep, outlier) for _, value in points[4:]]
+    assert low <= min(late) and max(late) <= high
+    assert high < 10.0 and ax.get_ylabel() == "loss (early steps off the axis)"
+
+
+def test_compared_losses_show_both_runs_even_where_they_coincide(tmp_path, drawn):
+    points = [(10, 6.0), (20, 4.0)]
+    figures.compared_losses({"HEAD": points, "workspace": points}, tmp_path / "loss.png")
+    (ax,) = drawn[0].axes
+    under, over = ax.get_lines()
+    assert [under.get_label(), over.get_label()] == ["HEAD", "workspace"]
+    assert under.get_linewidth() > 2 * over.get_linewidth()  # the first, wide beneath, shows around the second
+    np.testing.assert_allclose(under.get_xydata(), points)
