@@ -36,6 +36,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_kept_to_its_test() -> Iterator[None]:
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ, where every later test's subprocesses
+    would inherit it (their runs then land in another test's store): each test's setting ends with the test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_queue_workers_left(tmp_path_factory) -> Iterator[None]:
     """After the tests, stop the DVC queue workers that the tests' repositories started and that are still there
