@@ -1,10 +1,11 @@
 """Studies: a grid of experiments defined in one file, run as named DVC experiments, read back from MLflow.
 
-A study file (docs/studies/NAME.yaml) holds the params every run sets, the cells (each a few more params),
-the seeds and the metrics to report. Each (cell, seed) is a trial: one `dvc exp run` named NAME-CELL-sSEED
-whose params also carry study.name and study.cell, which the train stage turns into the MLflow tags `study`
-and `study.cell`. A trial is complete when MLflow holds a finished, evaluated run with those tags and the
-trial's params; the study command runs only the trials that are not.
+A study file (docs/studies/NAME.yaml) holds the params every run sets, the cells (each a few more params; one
+the reference the others are compared with), the seeds and the metrics to report. Each (cell, seed) is a
+trial: one `dvc exp run` named NAME-CELL-sSEED whose params also carry study.name and study.cell, which the
+train stage turns into the MLflow tags `study` and `study.cell`. A trial is complete when MLflow holds a
+finished, evaluated run with those tags and the trial's params; the study command runs only the trials that
+are not.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +32,7 @@ Scalar = bool | int | float | str
 # The evaluate stage's headline metric: a run that has it was trained and evaluated. Not every reported metric
 # need exist in every cell (a model without multi-token prediction has no acceptance rate).
 EVALUATED = "val.bits_per_character"
+STUDY_KEYS = ("title", "description", "params", "cells", "reference", "seeds", "metrics", "curves")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Study:
     seeds: list[int]
     metrics: dict[str, str]  # MLflow metric (or numeric tag) -> the report's column heading
     curves: list[str] = field(default_factory=list)  # metric histories the report plots by step
+    reference: str = ""  # the cell the others are compared with: the file's `reference`, else its first cell
 
     def trials(self) -> list[Trial]:
         """Every (cell, seed), cells in the file's order."""
@@ -97,12 +101,9 @@ def load_study(path: str | Path) -> Study:
         raise UserError(f"{path} is not valid YAML: {first_line(error)}") from None
     if not isinstance(values, dict):
         raise UserError(f"{path} must hold a mapping with params, cells, seeds and metrics")
-    unknown = sorted(set(values) - {"title", "description", "params", "cells", "seeds", "metrics", "curves"})
+    unknown = sorted(set(values) - set(STUDY_KEYS))
     if unknown:
-        raise UserError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; known: title, description, params, cells, "
-            "seeds, metrics, curves"
-        )
+        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(STUDY_KEYS)}")
     base = read_params()
     study = Study(
         name=_name(path.stem, f"{path}: the file name"),
@@ -113,10 +114,44 @@ def load_study(path: str | Path) -> Study:
         seeds=_seeds(values.get("seeds"), path),
         metrics=_mapping_of_strings(values.get("metrics"), f"{path}: metrics"),
         curves=_list_of_strings(values.get("curves") or [], f"{path}: curves"),
+        reference=_reference(values.get("reference"), values.get("cells"), path),
     )
     for trial in study.trials():
         _check_params(trial, base, path)
     return study
+
+
+def _reference(reference: Any, cells: Any, path: Path) -> str:
+    """The reference cell: one of the cells (their check comes first), the first one by default."""
+    names = list(cells) if isinstance(cells, dict) else []
+    if reference is None:
+        return names[0] if names else ""
+    if reference not in names:
+        raise UserError(f"{path}: reference {reference!r} is none of the cells ({', '.join(map(str, names))})")
+    return str(reference)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A cell's mean minus the reference cell's, over seeds, and its standard error."""
+
+    value: float
+    standard_error: float | None  # None where a cell has a single run: no spread to judge by
+
+    @property
+    def established(self) -> bool:
+        """Whether the difference exceeds twice its standard error (about 95% for a normal error): less than
+        that, the seeds' noise alone could make it."""
+        return self.standard_error is not None and abs(self.value) > 2 * self.standard_error
+
+
+def difference(reference: list[float], other: list[float]) -> Difference:
+    """other's mean minus reference's, with Welch's standard error sqrt(s_r^2 / n_r + s_o^2 / n_o)."""
+    value = statistics.fmean(other) - statistics.fmean(reference)
+    if len(reference) < 2 or len(other) < 2:
+        return Difference(value, None)
+    variance = statistics.variance(reference) / len(reference) + statistics.variance(other) / len(other)
+    return Difference(value, math.sqrt(variance))
 
 
 def _name(name: Any, what: str) -> str:

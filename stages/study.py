@@ -20,6 +20,7 @@ from stages.studies import (
     Trial,
     complete_runs,
     curves,
+    difference,
     load_study,
     metric_values,
     param_text,
@@ -175,6 +176,8 @@ def _report_block(plan: Study, study_path: Path, runs: dict, values: dict, pictu
         "",
         "Each value is the mean ± the standard deviation over the cell's runs (one per seed).",
         "",
+        *_differences(plan, values),
+        "",
         *(f"![{picture.stem}]({picture.as_posix()})" for picture in pictures),
         "",
         END,
@@ -187,11 +190,14 @@ def _provenance(plan: Study, runs: dict) -> str:
     started = sorted(datetime.fromtimestamp(run.info.start_time / 1000) for run in runs.values())
     machines = sorted({run.data.tags.get("machine", "unknown machine") for run in runs.values()})
     commits = {run.data.tags.get("git_commit", "unknown")[:7] for run in runs.values()}  # the experiments' baseline
+    torches = sorted({run.data.tags.get("env.torch", "not recorded") for run in runs.values()})
+    precisions = sorted({run.data.tags.get("train.precision", "not recorded") for run in runs.values()})
     settings = ", ".join(f"`{key}={param_text(value)}`" for key, value in plan.params.items())
     return (
         f"{len(runs)} of {len(plan.trials())} runs ({len(plan.cells)} cells, seeds {', '.join(map(str, plan.seeds))}), "
         f"{started[0]:%Y-%m-%d %H:%M} to {started[-1]:%Y-%m-%d %H:%M}, on {'; '.join(machines)}, "
-        f"git commit {', '.join(sorted(commits))}. Every run sets {settings or 'nothing beyond params.yaml'}."
+        f"torch {'; '.join(torches)}, {'; '.join(precisions)}, git commit {', '.join(sorted(commits))}. "
+        f"Every run sets {settings or 'nothing beyond params.yaml'}."
     )
 
 
@@ -207,6 +213,32 @@ def _table(plan: Study, runs: dict, values: dict) -> list[str]:
         "| " + " | ".join(header) + " |",
         "| " + " | ".join(["---", "---", "---:"] + ["---:"] * len(plan.metrics)) + " |",
         *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def _differences(plan: Study, values: dict) -> list[str]:
+    """A row per other cell and metric: its difference from the reference cell, the difference's standard error
+    over the seeds, and whether it exceeds twice that: what the seeds can show, for the conclusions to keep to."""
+    reference = values[plan.reference]
+    rows = []
+    for cell in plan.cells:
+        for metric, heading in plan.metrics.items():
+            if cell == plan.reference or not reference[metric] or not values[cell][metric]:
+                continue
+            found = difference(reference[metric], values[cell][metric])
+            error = "-" if found.standard_error is None else f"{found.standard_error:.2g}"
+            verdict = "yes" if found.established else "no" if found.standard_error is not None else "no (one run)"
+            rows.append(f"| `{cell}` | {heading} | {found.value:+.4g} | {error} | {verdict} |")
+    if not rows:
+        return []
+    return [
+        f"Against the reference cell `{plan.reference}`: each cell's mean minus the reference's, the standard error",
+        "of that difference over the seeds (Welch's), and whether the difference exceeds twice it. Where it does",
+        "not, the seeds' own spread could have made it: the study does not establish it.",
+        "",
+        "| cell | metric | difference | standard error | beyond 2 standard errors |",
+        "| --- | --- | ---: | ---: | --- |",
+        *rows,
     ]
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
+import statistics
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from deepseek.errors import UserError
 from stages import studies
+from stages.cli import main
 from stages.study import BEGIN, END
 from stages.tracking import EXPERIMENT
 
@@ -41,8 +44,8 @@ def study_runs(repo: Path, name: str) -> list:
 
 
 def table_rows(report: str) -> list[list[str]]:
-    """The report table's body, one list of cells per row."""
-    lines = [line for line in report.splitlines() if line.startswith("| `")]
+    """The report's first table's body, one list of cells per row."""
+    lines = [line for line in report.split("Against the reference cell")[0].splitlines() if line.startswith("| `")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
 
@@ -159,3 +162,40 @@ def test_a_trial_is_complete_only_with_its_params_and_every_metric(tmp_path, mon
 
     found = studies.complete_runs(study, studies.runs_of(study))
     assert {trial.name: r.info.run_id for trial, r in found.items()} == {"tiny-fast-s1": complete}
+
+
+def test_the_report_says_which_differences_the_seeds_establish(tmp_path, monkeypatch):
+    """Synthetic runs: cell `near` differs from the reference by less than the seeds' spread (not established),
+    `far` by many standard errors (established), `alone` has one run (nothing to judge by)."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cells = {"base": {"train.lr": 3.0e-3}, "near": {"train.lr": 2.0e-3}, "far": {"train.lr": 1.0e-3}}
+    cells["alone"] = {"train.lr": 5.0e-4}
+    path = write_study(tmp_path / "studies", cells=cells, seeds=[1, 2, 3], reference="base", curves=[])
+    study = studies.load_study(path)
+    bits = {"base": [2.50, 2.52, 2.48], "near": [2.51, 2.49, 2.53], "far": [2.30, 2.31, 2.29], "alone": [2.4]}
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
+    for trial in study.trials():
+        if trial.seed > len(bits[trial.cell]):
+            continue
+        created = client.create_run(experiment, tags={"study": "tiny", "study.cell": trial.cell, "env.torch": "2.13.0"})
+        run_id = created.info.run_id
+        for key, value in trial.params.items():
+            client.log_param(run_id, key, studies.param_text(value))
+        client.log_metric(run_id, "val.bits_per_character", bits[trial.cell][trial.seed - 1])
+        client.log_metric(run_id, "val.max_vio", 0.3)
+        client.set_terminated(run_id)
+
+    result = CliRunner().invoke(main, ["study", "report", str(path)])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "studies" / "tiny.md").read_text()
+    assert "Against the reference cell `base`" in report and "torch 2.13.0" in report
+    differences = report.split("Against the reference cell")[1]
+    rows = {(row[0], row[1]): row[2:] for row in table_rows(differences)}
+    near_error = (statistics.variance(bits["base"]) / 3 + statistics.variance(bits["near"]) / 3) ** 0.5
+    assert rows[("`near`", "bits/char")] == ["+0.01", f"{near_error:.2g}", "no"]  # 0.01 < 2 x 0.016
+    assert rows[("`far`", "bits/char")][0] == "-0.2" and rows[("`far`", "bits/char")][2] == "yes"
+    assert rows[("`alone`", "bits/char")] == ["-0.1", "-", "no (one run)"]
+    assert rows[("`near`", "MaxVio")] == ["+0", "0", "no"]  # identical values: no difference to establish
