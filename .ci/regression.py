@@ -119,7 +119,7 @@ def our_step(config: ModelConfig, train: TrainConfig, ids: torch.Tensor, dtype: 
     """A training step of a fresh DeepSeekLM of config (seeded, so every call builds the same weights)."""
     torch.manual_seed(0)
     model = DeepSeekLM(config)
-    return _training_step(model, build_optimizer(model, train), ids, dtype, train.mtp_loss_weight)
+    return _training_step(model, build_optimizer(model, train, dtype), ids, dtype, train.mtp_loss_weight)
 
 
 def reference_step(vocab_size: int, ids: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:

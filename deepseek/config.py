@@ -159,6 +159,8 @@ class TrainConfig:
     """How to train: the optimisation, its schedule, precision, and when to log, evaluate, sample and checkpoint."""
 
     max_steps: int = 600  # optimizer steps; each is micro_batch_size * grad_accum_steps sequences
+    # adamw: AdamW for every weight | muon: Muon for the hidden matrices, AdamW for the rest (deepseek/muon.py)
+    optimizer: Literal["adamw", "muon"] = "adamw"
     micro_batch_size: int = 16
     grad_accum_steps: int = 4
     seq_len: int = 128
@@ -220,6 +222,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        require(self.optimizer in ("adamw", "muon"), "optimizer", "must be adamw or muon")
         require(self.parallel in ("ddp", "fsdp"), "parallel", "must be ddp or fsdp")
         require(
             self.dtype in ("auto", "float32", "bfloat16", "float16"),
