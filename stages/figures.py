@@ -99,7 +99,7 @@ def study_metrics(
     """A panel per metric (headed by metrics' headings): each run's value as a dot, each cell's mean as a dash.
 
     No bars: the axis is zoomed on the runs, which bars (whose length reads from zero) would misstate; the axis
-    label says so, and the ticks are plain values, never an offset such as "1e-5 + 3.683"."""
+    label says whether it starts at 0, and the ticks are plain values, never an offset such as "1e-5 + 3.683"."""
     cells = list(cells)
     fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 0.9 * len(cells)) * len(metrics), 3.6), squeeze=False)
     for ax, (metric, heading) in zip(axes[0], metrics.items(), strict=True):
@@ -109,14 +109,17 @@ def study_metrics(
             if points:
                 ax.plot([x - 0.3, x + 0.3], [float(np.mean(points))] * 2, color="tab:blue", linewidth=2)
         finite = [v for points in runs for v in points]
+        zoomed = True
         if finite:
             low, high = min(finite), max(finite)
             margin = 0.15 * (high - low) or 0.05 * abs(high) or 1.0
-            ax.set_ylim(low - margin, high + margin)
+            # Values at least 0 whose margin would reach 0 anyway: start at 0, and the axis is no zoom.
+            zoomed = low < 0 or low - margin > 0
+            ax.set_ylim(low - margin if zoomed else 0.0, high + margin)
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.set_xticks(range(len(cells)), cells, rotation=30, ha="right")
         ax.set_xlim(-0.6, len(cells) - 0.4)
-        ax.set(title=heading, ylabel="axis zoomed: not from 0")
+        ax.set(title=heading, ylabel="axis zoomed: not from 0" if zoomed else "from 0")
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("dots: runs (one per seed); dash: their mean", fontsize=9, y=0.02, va="bottom")
     fig.tight_layout(rect=(0, 0.05, 1, 1))

@@ -1,8 +1,9 @@
 """Trains the tiny model for a few steps; run by test_distributed.py alone or under torchrun.
 
 Usage: python parallel_worker.py OUT_DIR [--accum N] [--log-interval N] [--parallel ddp|fsdp] [--dtype D]
-                                        [--resume CHECKPOINT]
-Writes OUT_DIR/reports/train_log.csv and, per rank, OUT_DIR/rankR.pt with the balancing biases and the head.
+                                        [--optimizer adamw|muon] [--resume CHECKPOINT]
+Writes OUT_DIR/reports/train_log.csv and, per rank, OUT_DIR/rankR.pt with the balancing biases, the head, an
+expert weight and the optimizer's class.
 """
 
 import argparse
@@ -24,6 +25,7 @@ parser.add_argument("--accum", type=int, default=1)
 parser.add_argument("--log-interval", type=int, default=1)
 parser.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
 parser.add_argument("--dtype", default="float32")
+parser.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
 parser.add_argument("--resume", type=Path)
 args = parser.parse_args()
 
@@ -46,6 +48,7 @@ params = TrainConfig(
     device="cpu",
     dtype=args.dtype,
     parallel=args.parallel,
+    optimizer=args.optimizer,
 )
 seed_everything(0)
 model = DeepSeekLM(ModelConfig.from_preset("tiny", bias_update_rate=0.01))
@@ -58,7 +61,16 @@ if args.resume is not None:
     trainer.resume(find_resume_point(outputs.checkpoint_dir, fingerprint))
 trainer.fit(tokens, tokens)
 biases = torch.stack([moe.gate.expert_bias for moe in model.moe_layers()])
-head = fsdp.full_tensor(model.head.weight.detach())  # under FSDP gathered from the shards: a collective
+# Under FSDP gathered from the shards: collectives.
+head = fsdp.full_tensor(model.head.weight.detach())
+experts = fsdp.full_tensor(model.get_parameter("layers.1.ffn.experts.down_proj").detach())
 torch.save(
-    {"biases": biases, "head": head, "sharded": fsdp.is_sharded(model)}, args.out / f"rank{distributed.rank()}.pt"
+    {
+        "biases": biases,
+        "head": head,
+        "experts": experts,
+        "sharded": fsdp.is_sharded(model),
+        "optimizer": type(trainer.optimizer).__name__,
+    },
+    args.out / f"rank{distributed.rank()}.pt",
 )

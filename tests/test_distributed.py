@@ -86,6 +86,24 @@ def test_fsdp_gradients_equal_ddp_gradients_under_bf16_autocast(tmp_path):
 
 
 @pytest.mark.slow
+def test_muon_under_fsdp_orthogonalises_whole_matrices_as_one_process_does(tmp_path):
+    """FSDP2 shards every matrix by rows (the stacked experts by expert); Newton-Schulz of a shard alone would
+    give another update, so the weights would drift from one process's."""
+    single, two = tmp_path / "single", tmp_path / "fsdp"
+    common = ("--optimizer", "muon")
+    subprocess.run([sys.executable, str(WORKER), str(single), "--accum", "4", *common], check=True, capture_output=True)
+    torchrun(str(two), "--accum", "2", "--parallel", "fsdp", *common)
+
+    ranks = [torch.load(two / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    one = torch.load(single / "rank0.pt", weights_only=True)
+    assert {rank["optimizer"] for rank in (*ranks, one)} == {"MuonWithAdamW"} and ranks[0]["sharded"]
+    assert logged(two) == pytest.approx(logged(single), abs=1e-5)
+    for name in ("head", "experts"):  # AdamW's part and Muon's
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[0][name], one[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_fsdp_training_killed_with_kill_9_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """The train stage itself under torchrun: the checkpoint gathered from the shards, and resumed into them."""
     straight = stage_workspace(tmp_path / "straight", monkeypatch, **FSDP_PARAMS)

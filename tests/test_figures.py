@@ -75,6 +75,17 @@ def test_study_metrics_show_runs_and_means_on_plain_ticks_without_bars(tmp_path,
     assert "not from 0" in ax.get_ylabel()
 
 
+def test_study_metrics_near_zero_start_at_zero_and_say_so(tmp_path, drawn):
+    """Non-negative values whose zoomed axis would reach 0 anyway (MaxVio of well balanced runs) start at 0, and
+    the label no longer calls the axis zoomed; a negative value keeps the zoom."""
+    values = {"a": {"max_vio": [0.15, 0.2]}, "b": {"max_vio": [0.9, 1.2]}, "c": {"max_vio": [-0.1, 0.3]}}
+    figures.study_metrics(["a", "b"], {"max_vio": "MaxVio"}, values, tmp_path / "one.png")
+    figures.study_metrics(["c"], {"max_vio": "MaxVio"}, values, tmp_path / "two.png")
+    (near_zero,), (negative,) = drawn[0].axes, drawn[1].axes
+    assert near_zero.get_ylim()[0] == 0.0 and near_zero.get_ylabel() == "from 0"
+    assert negative.get_ylim()[0] < -0.1 and "not from 0" in negative.get_ylabel()
+
+
 def test_study_curves_keep_every_runs_late_values_on_the_axis(tmp_path, drawn):
     """The axis zooms past the steep first fifth, but never cuts off a run's later points, and says when early
     points fall off it."""

@@ -55,6 +55,21 @@ def test_kill_9_at_three_points_then_resume_gives_the_uninterrupted_result(tmp_p
 
 
 @pytest.mark.slow
+def test_a_muon_training_killed_with_kill_9_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Muon's momentum buffers, beside AdamW's moments for the embedding, head and norms, come back exactly."""
+    muon_params = {**RESUME_PARAMS, "optimizer": "muon"}
+    straight = stage_workspace(tmp_path / "straight", monkeypatch, **muon_params)
+    finish(straight)
+    killed = stage_workspace(tmp_path / "killed", monkeypatch, **muon_params)
+    assert kill_after(killed, 13).returncode == -signal.SIGKILL
+    assert "resuming from" in finish(killed)
+    assert_same_training(killed, results(straight))
+    checkpoint = list_checkpoints(killed / "model" / "checkpoints")[-1]
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)["optimizer"]
+    assert [group["muon"] for group in state["param_groups"]] == [True, False, False]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sig, exit_code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C, SIGINT")]
 )
