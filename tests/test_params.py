@@ -84,7 +84,10 @@ def test_bad_params_value_names_the_key(tmp_path, changes, key):
             "params sample.temprature is not a known key; did you mean sample.temperature",
         ),
         (dict(trian={"lr": 1.0}), "params trian is not a known section; did you mean train?"),
-        (dict(train={"zzz": 1}), "params train.zzz is not a known key; known: max_steps, micro_batch_size, "),
+        (
+            dict(train={"zzz": 1}),
+            "params train.zzz is not a known key; known: max_steps, optimizer, micro_batch_size, ",
+        ),
     ],
 )
 def test_a_misspelt_key_gets_the_closest_known_one(tmp_path, changes, answer):
