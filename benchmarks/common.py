@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from importlib.metadata import version
@@ -37,8 +38,10 @@ DEFAULT_SHAPES: dict[str, dict[str, tuple[int, int]]] = {
     "seed": {"cpu": (4, 128), "cuda": (8, 2048)},
 }
 
-# The square matmul that measures a device's peak for MFU: large enough to reach the GEMM library's best rate.
+# The square matmul that measures a device's peak for MFU: large enough to reach the GEMM library's best rate, unless
+# one product takes longer than PEAK_MATMUL_SECONDS (a CPU that only emulates bf16 needs minutes for a 2048^3 one).
 PEAK_MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
+PEAK_MATMUL_SECONDS = 0.1
 
 device_option = click.option(
     "--device",
@@ -100,16 +103,28 @@ def run_header(title: str, device: torch.device, precision: str) -> dict[str, st
     }
 
 
-def measured_peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+@dataclass(frozen=True)
+class MatmulPeak:
+    flops: float  # FLOP/s
+    size: int  # of the square matmul that gave them
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> MatmulPeak:
     """FLOP/s of a large square matmul in dtype on device, the best of repeats: the peak that MFU divides by.
 
-    Measured in the same run as the models, so a busy or throttled machine lowers both alike.
+    Measured in the same run as the models, so a busy or throttled machine lowers both alike. The size doubles from
+    256 up to PEAK_MATMUL_SIZE while one product takes under PEAK_MATMUL_SECONDS.
     """
-    size = PEAK_MATMUL_SIZE[device.type]
-    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    a @ b  # the first call selects and warms up the kernel
+    size = 256
+    while True:
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        a @ b  # the first call selects and warms up the kernel
+        _, seconds = timed(lambda: a @ b, device)  # noqa: B023 (called at once)
+        if seconds >= PEAK_MATMUL_SECONDS or size >= PEAK_MATMUL_SIZE[device.type]:
+            break
+        size *= 2
     _, seconds = timed(lambda: a @ b, device, repeats)
-    return 2 * size**3 / seconds
+    return MatmulPeak(2 * size**3 / seconds, size)
 
 
 def batch_shape(preset: str, device: torch.device, batch_size: int | None, seq_len: int | None) -> tuple[int, int]:

@@ -259,7 +259,7 @@ def check_training(run: Run) -> list[dict[str, str]]:
     """1. The preset's bf16 training speed, ours against transformers, MFU, and whether they hold the same weights."""
     dtype = torch.bfloat16
     shape = batch_shape(run.preset, run.device, None, None)
-    peak = measured_peak_flops(run.device, dtype)
+    peak = measured_peak_flops(run.device, dtype).flops
     warmup, steps = run.plan.throughput_steps
     result, _ = measure_preset(run.preset, run.device, dtype, peak, shape, steps, warmup, run.seed, compile=False)
     ours, theirs = result["ours tok/s"], result["transformers tok/s"]

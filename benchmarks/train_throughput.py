@@ -26,7 +26,6 @@ import torch
 from benchmarks.common import (
     DEFAULT_SHAPES,
     OURS,
-    PEAK_MATMUL_SIZE,
     THEIRS,
     batch_shape,
     device_option,
@@ -233,15 +232,16 @@ def main(
     for preset, shape in shapes.items():
         for name in precisions:
             row, kernels = measure_preset(
-                preset, device, PRECISIONS[name], peaks[name], shape, steps, warmup, seed, compile_models
+                preset, device, PRECISIONS[name], peaks[name].flops, shape, steps, warmup, seed, compile_models
             )
             rows.append(row)
     header = run_header("Training throughput", device, ", ".join(precisions)) | {
         "transformers kernels": kernels,
         "torch.compile": "both models" if compile_models else "no (eager)",
     }
-    size = PEAK_MATMUL_SIZE[device.type]
-    peak_rows = [{"precision": name, "matmul": f"{size}^3", "GFLOP/s": peak / 1e9} for name, peak in peaks.items()]
+    peak_rows = [
+        {"precision": name, "matmul": f"{peak.size}^3", "GFLOP/s": peak.flops / 1e9} for name, peak in peaks.items()
+    ]
     print_header(header)
     print_table("Measured peak: the best of 5 square matmuls", PEAK_COLUMNS, peak_rows)
     print_table(

@@ -45,6 +45,9 @@ class ModelConfig:
     topk_group: int = 1
     # Auxiliary-loss-free balancing (and the optional sequence-wise auxiliary loss of DeepSeek-V3).
     bias_update_rate: float = 1e-3
+    # sign: b_i += rate * sign(e_i), the paper's rule; error: b_i += rate * e_i, with e_i = (mean load - load_i) / mean
+    # load, the relative error (Wang et al. 2024 compare the two on raw counts, whose scale depends on the batch).
+    bias_update_rule: Literal["sign", "error"] = "sign"
     seq_aux_loss_coef: float = 0.0
     # Other.
     tie_embeddings: bool = False
@@ -75,6 +78,7 @@ class ModelConfig:
         require(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", "must be a number in [0, 1)")
         require(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be true or false")
         require(self.score_func in ("sigmoid", "softmax"), "score_func", "must be 'sigmoid' or 'softmax'")
+        require(self.bias_update_rule in ("sign", "error"), "bias_update_rule", "must be 'sign' or 'error'")
 
     def _check_consistency(self) -> None:
         require(

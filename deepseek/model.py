@@ -216,7 +216,8 @@ class DeepSeekLM(nn.Module):
     def update_expert_bias(self, loads: torch.Tensor | None = None) -> torch.Tensor:
         """Auxiliary-loss-free balancing step; call once after each optimizer step.
 
-        Moves each expert's bias by rate * sign(mean load - load). loads, (num_moe_layers, num_experts), are
+        Moves each expert's bias by rate * sign(mean load - load), or with bias_update_rule "error" by rate times
+        the relative error (mean load - load) / mean load. loads, (num_moe_layers, num_experts), are
         the tokens routed since the last update: by default those this model counted, over every micro-batch
         (taken, so they start again from zero); a data-parallel trainer passes clear_expert_load() summed
         over its processes instead. Returns the loads used.
@@ -225,7 +226,11 @@ class DeepSeekLM(nn.Module):
             loads = self.clear_expert_load()
         rate = self.config.bias_update_rate
         for moe, load in zip(self.moe_layers(), loads, strict=True):
-            moe.gate.expert_bias += rate * torch.sign(load.mean() - load)
+            error = load.mean() - load
+            if self.config.bias_update_rule == "error":
+                moe.gate.expert_bias += rate * error / load.mean().clamp_min(1)
+            else:
+                moe.gate.expert_bias += rate * torch.sign(error)
         return loads
 
     @torch.no_grad()

@@ -10,13 +10,15 @@ from deepseek.model import DeepSeekLM
 from deepseek.trainer import global_expert_loads
 
 
-def skewed_model(rate: float = 1e-3) -> DeepSeekLM:
+def skewed_model(rate: float = 1e-3, rule: str = "sign") -> DeepSeekLM:
     """A model whose routers strongly prefer experts 0 and 1 for every token.
 
     Every embedding shares one direction u, which dominates the small-init residual stream, and the
     routers of experts 0 and 1 point along u.
     """
-    config = ModelConfig.from_preset("tiny", num_routed_experts=8, num_experts_per_tok=2, bias_update_rate=rate)
+    config = ModelConfig.from_preset(
+        "tiny", num_routed_experts=8, num_experts_per_tok=2, bias_update_rate=rate, bias_update_rule=rule
+    )
     model = DeepSeekLM(config)
     u = torch.nn.functional.normalize(torch.randn(config.hidden_size), dim=0)
     with torch.no_grad():
@@ -60,6 +62,16 @@ def test_update_uses_every_micro_batch_of_the_step():
     expected_step = 0.5 * torch.sign(counts.mean(-1, keepdim=True) - counts)
     torch.testing.assert_close(bias_after - bias_before, expected_step)
     assert all(moe.pending_load.sum() == 0 for moe in model.moe_layers())
+
+
+def test_the_error_rule_moves_each_bias_by_its_relative_under_load():
+    """Wang et al.'s alternative to the sign: b_i += rate * e_i, e_i = (mean load - load_i) / mean load."""
+    model = skewed_model(rate=0.5, rule="error")
+    loads = torch.tensor([[4.0, 0.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]]).repeat(len(model.moe_layers()), 1)
+    model.update_expert_bias(loads)
+    expected = 0.5 * torch.tensor([-1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # mean load 2: +100% and -100%
+    for moe in model.moe_layers():
+        torch.testing.assert_close(moe.gate.expert_bias, expected)
 
 
 def test_nothing_is_updated_in_eval_mode():

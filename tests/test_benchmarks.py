@@ -3,6 +3,7 @@
 import importlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -200,3 +201,37 @@ def test_expert_shapes_times_both_precisions_padded_and_unpadded(command, tmp_pa
     ]
     data = json.loads(out.read_text())["tables"]
     assert all(row["ms per step"] > 0 and row["distinct group sizes"] >= 1 for row in data["moe_layer"])
+
+
+def test_expert_balance_measures_the_evaluate_stages_maxvio_and_sees_dropout(command, tmp_path):
+    """The validation row in eval mode is the evaluate stage's MaxVio_global, computed here by evaluate() itself; a
+    bias that favours one expert shows in every row; dropout changes the routing of the same text."""
+    from benchmarks.expert_balance import main
+    from deepseek.evaluation import evaluate
+    from stages.tokenizer import write_tokens
+
+    assert command("expert_balance") is main
+    tokenizer = build_tokenizer(TokenizerParams(kind="bpe", vocab_size=300), tiny_corpus())
+    tokenizer.save_pretrained(tmp_path / "tok")
+    model = randomized(DeepSeekLM(ModelConfig.from_preset("tiny", vocab_size=300, mtp_depth=1, dropout=0.5)))
+    model.moe_layers()[0].gate.expert_bias[0] = 10.0  # every token of the first MoE layer picks expert 0
+    save_model(model, tmp_path / "model", tmp_path / "tok")
+    ids = np.random.default_rng(0).integers(0, 300, size=3000)
+    stats = {"train_characters": 6000, "val_characters": 2000}
+    write_tokens(tmp_path / "tokens", tokenizer, ids[:2000], ids[2000:], stats, "bpe")
+
+    out = tmp_path / "expert_balance.json"
+    args = ["--model-dir", str(tmp_path / "model"), "--tokens-dir", str(tmp_path / "tokens"), "--seq-len", "32"]
+    result = CliRunner().invoke(main, [*args, "--batch-size", "4", "--threads", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["tables"]["expert_balance"]
+    assert [(row["text"], row["mode"]) for row in rows[:2]] == [
+        ("validation split", "eval"),
+        ("validation split", "training (dropout on)"),
+    ]
+    reference = evaluate(model.eval(), ids[2000:], 32, 4)["balance"]["max_vio_global"]
+    assert rows[0]["MaxVio global"] == pytest.approx(reference, abs=1e-6)
+    # Expert 0 of the tiny preset's 4 holds one of each token's two choices: load 1/2 against a mean of 1/4.
+    assert all(row["layer 0"] == pytest.approx(1.0) for row in rows)
+    assert rows[0]["layer 1"] != rows[1]["layer 1"]
+    assert len(rows) == 6 and markdown_tables(result.stdout)[0][0] == list(rows[0])

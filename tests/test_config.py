@@ -21,6 +21,7 @@ from deepseek.model import DeepSeekLM
         (dict(score_func="relu"), "score_func"),
         (dict(first_k_dense_layers=5, num_layers=4), "first_k_dense_layers"),
         (dict(bias_update_rate=-1e-3), "bias_update_rate"),
+        (dict(bias_update_rule="proportional"), "bias_update_rule"),
         (dict(vocab_size=65.5), "vocab_size"),
         (dict(rms_norm_eps=0), "rms_norm_eps"),
         (dict(tie_embeddings="yes"), "tie_embeddings"),

@@ -49,6 +49,7 @@ BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes (or a GPU);
     "memory": "--preset tiny --batch-size 2 --seq-len 16 --context 16 --new-tokens 4 --device cpu --threads 1",
     "speculative": "--preset tiny --contexts 8,16 --new-tokens 4 --repeats 1 --device cpu --threads 1",
     "expert_shapes": "--preset tiny --tokens 256 --steps 2 --matmuls 4 --threads 1",  # CPU only: oneDNN's shapes
+    "expert_balance": "--seq-len 32 --threads 1",  # the tiny model trained by the README's `dvc repro`; its window
     "gpu_check": "--dry-run --threads 1",
     "busy_machine": "--preset tiny --seq-len 32 --steps 11",  # its trainings choose their threads themselves
     "system_metrics": "--seconds 1 --rounds 1",
