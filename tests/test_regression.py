@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +11,19 @@ import pytest
 import torch
 import yaml
 
+from deepseek.checkpoint import run_fingerprint
 from deepseek.config import ModelConfig, TrainConfig
 
 from pipeline_utils import ROOT, make_pipeline_repo, run
 from regression import (
+    PROFILE,
     Row,
     Spread,
     compare,
     interleaved_speed_ratios,
     our_step,
     precision_row,
+    profile_params,
     render,
     stale_lock_entries,
 )
@@ -28,6 +32,17 @@ TOLERANCES = {
     "bits_per_character": {"direction": "lower", "abs": 0.02},
     "relative_throughput": {"direction": "higher", "rel": 0.3},
 }
+
+
+def test_the_committed_baseline_was_made_with_the_current_params_and_profile():
+    """The gate refuses a baseline of other params, after the whole test run: a new key in params.yaml or a changed
+    .ci/profile.yaml must come with a new baseline, and this says so in seconds."""
+    baseline = json.loads((ROOT / ".ci" / "baseline.json").read_text())
+    params = profile_params(ROOT, ROOT / PROFILE, {})
+    assert baseline["profile_hash"] == run_fingerprint(params), (
+        "params.yaml or .ci/profile.yaml changed since .ci/baseline.json was made: "
+        "run `python .ci/regression.py update-baseline` and commit it (docs/ci.md)"
+    )
 
 
 def test_compare_applies_direction_and_tolerance():
