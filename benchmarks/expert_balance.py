@@ -9,7 +9,7 @@ model on stretches of equal length, in both modes:
 
 Training text in training mode is what the bias was fitted to: what remains there is imbalance the bias has not
 removed. Eval mode on the same text adds the effect of dropout; the validation split adds the effect of other text.
-Counts are in float32, as the evaluate stage's.
+It counts with the evaluate stage's own function (deepseek.evaluation.evaluate), in float32.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import numpy as np
-import torch
 
 from benchmarks.common import (
     json_option,
@@ -29,30 +27,18 @@ from benchmarks.common import (
     threads_option,
     write_json,
 )
-from deepseek.balance import max_violation
-from deepseek.batches import evaluation_batches
 from deepseek.checkpoint import load_model
-from deepseek.model import DeepSeekLM
+from deepseek.evaluation import evaluate
 from stages.tokenizer import load_tokens
 
 
-@torch.no_grad()
-def expert_counts(model: DeepSeekLM, tokens: np.ndarray, seq_len: int, batch_size: int, dropout: bool) -> torch.Tensor:
-    """Tokens routed to each expert, (num_moe_layers, num_experts), over every window of tokens."""
-    model.train(dropout)
-    counts = torch.zeros(len(model.moe_layers()), model.config.num_routed_experts)
-    for inputs, _ in evaluation_batches(tokens, seq_len, batch_size):
-        counts += model(inputs, predict_ahead=model.config.mtp_depth > 0).expert_counts
-    return counts
-
-
-def balance_row(text: str, dropout: bool, counts: torch.Tensor) -> dict[str, object]:
-    per_layer = max_violation(counts)
+def balance_row(text: str, dropout: bool, balance: dict) -> dict[str, object]:
+    """A table row of the evaluation's balance report."""
     return {
         "text": text,
         "mode": "training (dropout on)" if dropout else "eval",
-        "MaxVio global": per_layer.mean().item(),
-        **{f"layer {i}": value for i, value in enumerate(per_layer.tolist())},
+        "MaxVio global": balance["max_vio_global"],
+        **{f"layer {i}": layer["max_vio"] for i, layer in enumerate(balance["layers"])},
     }
 
 
@@ -86,7 +72,8 @@ def main(
     for text, tokens in texts.items():
         for dropout in (False, True):
             click.echo(f"{text}, dropout {'on' if dropout else 'off'}", err=True)
-            rows.append(balance_row(text, dropout, expert_counts(model, tokens, seq_len, batch_size, dropout)))
+            balance = evaluate(model, tokens, seq_len, batch_size, dropout=dropout)["balance"]
+            rows.append(balance_row(text, dropout, balance))
 
     header = run_header("Expert balance by text and mode", device, "float32") | {
         "model": str(model_dir),

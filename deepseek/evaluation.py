@@ -34,6 +34,7 @@ def evaluate(
     max_batches: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    dropout: bool = False,
 ) -> dict:
     """Metrics over the split (or its first max_batches batches).
 
@@ -42,11 +43,12 @@ def evaluate(
     With multi-token prediction, mtp_accuracy[k - 1] is how often depth k's greedy guess of the token k places
     further on is right, and mtp_acceptance[k - 1] how often it is the main model's own greedy choice for that
     token: the rate at which a greedy speculative decoder accepts depth k's drafts on this text.
+    dropout: score in training mode, with dropout on, as the balancing bias saw the text during training.
     """
     check_token_ids(tokens, model.config.vocab_size, "the evaluation tokens")
     device = next(model.parameters()).device
     was_training = model.training
-    model.eval()
+    model.train(dropout)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     depths = model.config.mtp_depth

@@ -57,3 +57,25 @@ def test_sampled_batches_are_spread_over_the_split():
     starts = [inputs[0, 0].item() for inputs, _ in batches]
     assert starts[0] == 0 and starts[-1] >= 90 * 8  # the first and the last batch, not the first five
     assert starts == sorted(starts) and len(set(starts)) == 5
+
+
+@pytest.mark.parametrize("was_training", [False, True])
+def test_dropout_scores_in_training_mode_and_restores_the_mode(was_training):
+    """dropout=True scores as training saw the text: with dropout 0.5 the loss is that of the model in training
+    mode under the same seed, not the eval loss; the model's own mode is left as it was."""
+    model = DeepSeekLM(ModelConfig.from_preset("tiny", vocab_size=100, dropout=0.5)).train(was_training)
+    tokens = np.random.default_rng(0).integers(0, 100, 257).astype(np.uint16)
+    torch.manual_seed(3)
+    with_dropout = evaluate(model, tokens, seq_len=32, batch_size=4, dropout=True)
+    assert model.training == was_training
+    eval_loss = evaluate(model, tokens, seq_len=32, batch_size=4)["loss"]
+    assert abs(with_dropout["loss"] - eval_loss) > 1e-4
+    torch.manual_seed(3)
+    with torch.no_grad():
+        inputs, targets = zip(*evaluation_batches(tokens, 32, 4), strict=True)
+        model.train()
+        losses = [
+            model(x).logits.flatten(0, 1).log_softmax(-1).gather(1, y.reshape(-1, 1))
+            for x, y in zip(inputs, targets, strict=True)
+        ]
+    assert with_dropout["loss"] == pytest.approx(-torch.cat(losses).mean().item(), rel=1e-5)
