@@ -87,12 +87,14 @@ def grouped_linear(
     weight = weight.to(x.dtype)
     if sizes is not None:
         return torch.cat([F.linear(rows, weight[e]) for e, rows in enumerate(x.split(sizes))])
-    if x.dtype == torch.bfloat16:  # torch.compile traces grouped_mm in bf16 only (torch 2.13)
+    if x.dtype == torch.bfloat16 or not torch.compiler.is_compiling():
         return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
-    return _grouped_mm_outside_compile(x, weight, ends)
+    return _grouped_mm_outside_compile(x, weight, ends)  # torch.compile traces grouped_mm in bf16 only (torch 2.13)
 
 
-@torch.compiler.disable  # a graph break in fp32 and fp16: dynamo's shape rule for grouped_mm admits bf16 only
+# A graph break in fp32 and fp16: dynamo's shape rule for grouped_mm admits bf16 only. torch's lazy form of
+# torch.compiler.disable: importing dynamo takes seconds, which a process that never compiles need not pay.
+@torch._disable_dynamo
 def _grouped_mm_outside_compile(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
 
