@@ -43,7 +43,10 @@ DOC_FILES = [
 ]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes (or a GPU); the tiny preset, seconds, one thread
-    "train_throughput": "--preset tiny --batch-size 2 --seq-len 16 --steps 1 --warmup 0 --device cpu --threads 1",
+    # bf16 only: test_benchmarks compiles these bf16 shapes first, so `--compile` finds them in the compile cache
+    # (tests/test_compile.py covers fp32); compiling fp32 too took minutes on an AVX2-only CPU.
+    "train_throughput": "--preset tiny --precision bfloat16 --batch-size 2 --seq-len 16 --steps 1 --warmup 0 "
+    "--device cpu --threads 1",
     "generation": "--preset tiny --contexts 8,32 --new-tokens 4 --no-cache-max-context 8 --repeats 1 --device cpu "
     "--threads 1",
     "memory": "--preset tiny --batch-size 2 --seq-len 16 --context 16 --new-tokens 4 --device cpu --threads 1",
@@ -177,7 +180,10 @@ class DocRunner:
         if code.startswith("deepseek study"):  # a real study is hours of training; this one, one tiny run
             code = re.sub(r"docs/studies/[\w-]+\.yaml", str(self.tiny_study), code)
         if match := re.match(r"python -m benchmarks\.(\w+)", code):
-            code += f" {BENCHMARK_TINY_ARGS[match.group(1)]}"
+            tiny_args = BENCHMARK_TINY_ARGS[match.group(1)]
+            if "--preset" in tiny_args:  # --preset repeats in some scripts: the documented one would run as well
+                code = re.sub(r" --preset \w+", "", code)
+            code += f" {tiny_args}"
         return code
 
     def run(self, command: Command) -> None:

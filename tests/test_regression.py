@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from regression import (
     Row,
     Spread,
     compare,
+    far_from,
     interleaved_speed_ratios,
     our_step,
     precision_row,
@@ -83,6 +86,19 @@ def test_the_precision_check_fails_when_the_picked_precision_trains_slower():
     )
     assert "median" in str(spread) and "of 6 interleaved rounds" in str(spread)
     assert precision_row(torch.bfloat16, torch.float32, spread, min_speedup=spread.median).ok
+
+
+def test_the_timing_stops_early_only_when_far_from_the_threshold():
+    settled = far_from(0.95)  # 10 rounds all beyond 0.95 x 1.5 or 0.95 / 1.5
+    assert not settled([2.0] * 9) and settled([2.0] * 10) and settled([0.5] * 10)
+    assert not settled([2.0] * 9 + [1.2]) and not settled([0.5] * 9 + [0.7])
+
+    def sleeper(seconds: float) -> Callable[[], None]:
+        return lambda: time.sleep(seconds)
+
+    # A step four times as slow as the other is settled after 10 rounds; two steps alike run every round.
+    assert len(interleaved_speed_ratios(sleeper(0.008), sleeper(0.002), 30, 0, settled)) == 10
+    assert len(interleaved_speed_ratios(sleeper(0.002), sleeper(0.002), 30, 0, settled)) == 30
 
 
 def test_stale_lock_ignores_missing_outputs_but_not_changed_code_or_params():
