@@ -39,8 +39,14 @@ DOC_FILES = [
     ROOT / "docs" / "studies" / "README.md",
     ROOT / "benchmarks" / "README.md",
     ROOT / "docs" / "environment.md",
+    ROOT / "docs" / "results.md",
     ROOT / "docs" / "team.md",  # last: it applies an experiment to the workspace
 ]
+RESULTS_LOG = ROOT / "docs" / "results.md"
+# What marks history in a reference page: it belongs in the results log.
+HISTORY = re.compile(
+    r"\bmissed\b|\b(defaults|machine) of the time\b|\bissue \d+|\bbefore this work\b|\bwas lent\b", re.IGNORECASE
+)
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes (or a GPU); the tiny preset, seconds, one thread
     # bf16 only: test_benchmarks compiles these bf16 shapes first, so `--compile` finds them in the compile cache
@@ -121,6 +127,17 @@ def test_shell_snippets_are_fenced_as_bash():
     for path in DOC_FILES:
         languages = {language for language, _ in fenced_blocks(path)}
         assert languages <= {"bash", "python", "text"}, f"{path.name}: fence languages {languages}"
+
+
+def test_history_lives_only_in_the_results_log():
+    """Reference pages say what holds now; targets missed, earlier defaults and what was tried are dated entries of
+    docs/results.md, which every page that measures something can link to."""
+    for path in DOC_FILES:
+        if path != RESULTS_LOG:
+            lines = [line for line in path.read_text().splitlines() if "results.md" not in line]
+            assert not [line for line in lines if HISTORY.search(line)], f"{path.name}: history outside the results log"
+    dates = re.findall(r"^## (\d{4}-\d\d-\d\d)", RESULTS_LOG.read_text(), re.MULTILINE)
+    assert len(dates) >= 3 and dates == sorted(dates, reverse=True), "results log entries, newest first"
 
 
 def test_readme_stays_a_front_door():
