@@ -32,13 +32,14 @@ from deepseek.evaluation import evaluate
 from stages.tokenizer import load_tokens
 
 
-def balance_row(text: str, dropout: bool, balance: dict) -> dict[str, object]:
-    """A table row of the evaluation's balance report."""
+def balance_row(text: str, dropout: bool, balance: dict, layer_names: list[str]) -> dict[str, object]:
+    """A table row of the evaluation's balance report, a column per MoE layer named as in the evaluate stage's
+    expert-load figure."""
     return {
         "text": text,
         "mode": "training (dropout on)" if dropout else "eval",
         "MaxVio global": balance["max_vio_global"],
-        **{f"layer {i}": layer["max_vio"] for i, layer in enumerate(balance["layers"])},
+        **{name: layer["max_vio"] for name, layer in zip(layer_names, balance["layers"], strict=True)},
     }
 
 
@@ -73,7 +74,7 @@ def main(
         for dropout in (False, True):
             click.echo(f"{text}, dropout {'on' if dropout else 'off'}", err=True)
             balance = evaluate(model, tokens, seq_len, batch_size, dropout=dropout)["balance"]
-            rows.append(balance_row(text, dropout, balance))
+            rows.append(balance_row(text, dropout, balance, model.config.moe_layer_names()))
 
     header = run_header("Expert balance by text and mode", device, "float32") | {
         "model": str(model_dir),

@@ -232,6 +232,8 @@ def test_expert_balance_measures_the_evaluate_stages_maxvio_and_sees_dropout(com
     reference = evaluate(model.eval(), ids[2000:], 32, 4)["balance"]["max_vio_global"]
     assert rows[0]["MaxVio global"] == pytest.approx(reference, abs=1e-6)
     # Expert 0 of the tiny preset's 4 holds one of each token's two choices: load 1/2 against a mean of 1/4.
-    assert all(row["layer 0"] == pytest.approx(1.0) for row in rows)
-    assert rows[0]["layer 1"] != rows[1]["layer 1"]
+    # Columns named as the expert-load figure's rows: the tiny preset's MoE block is layer 1, then the MTP module.
+    assert list(rows[0])[3:] == model.config.moe_layer_names() == ["layer 1", "MTP 1"]
+    assert all(row["layer 1"] == pytest.approx(1.0) for row in rows)
+    assert rows[0]["MTP 1"] != rows[1]["MTP 1"]
     assert len(rows) == 6 and markdown_tables(result.stdout)[0][0] == list(rows[0])
