@@ -28,12 +28,15 @@ import yaml
 from torch import nn
 
 from deepseek.checkpoint import run_fingerprint
-from deepseek.config import ModelConfig, TrainConfig
+from deepseek.config import ModelConfig
 from deepseek.cpu import cpu_model
+from deepseek.device import describe_precision, resolve_dtype
 from deepseek.evaluation import autocast
 from deepseek.files import write_json
 from deepseek.model import DeepSeekLM
-from deepseek.trainer import build_optimizer, describe_precision, resolve_dtype, training_loss
+from deepseek.optim import build_optimizer
+from deepseek.train_config import TrainConfig
+from deepseek.train_step import training_loss
 from stages.comparison import TOLERANCES, Row, compare, render
 from stages.params import load_yaml, parse_params
 
@@ -403,7 +406,8 @@ def check(
         params = profile_params(workdir, repo / profile, _parse_overrides(overrides))
         result = measure(workdir, params, baseline, rounds, min_speedup)
     rows = compare(baseline["metrics"], result["metrics"], limits)
-    rows.append(precision_row(*result["precision"], min_speedup))
+    picked, other, spread = result["precision"]
+    rows.append(precision_row(picked, other, spread, min_speedup))
     if not no_lock_check:
         rows.append(
             Row(

@@ -30,8 +30,11 @@ COLUMNS = ["case", "train.threads", "threads used", "tok/s", "of alone"]
 # Run in the child: train, and print the tokens/s of the steps after the first log interval, and the threads.
 TRAIN = """
 import json, sys, tempfile
+from pathlib import Path
 import numpy as np, torch
-from deepseek.config import ModelConfig, TrainConfig
+from deepseek.config import ModelConfig
+from deepseek.device import configure_host
+from deepseek.train_config import TrainConfig
 from deepseek.model import DeepSeekLM
 from deepseek.trainer import Trainer, TrainOutputs
 
@@ -49,7 +52,9 @@ config = TrainConfig(max_steps=steps, micro_batch_size=16, grad_accum_steps=1, s
                      eval_interval=10**6, sample_interval=10**6, checkpoint_interval=10**6, threads=threads)
 with tempfile.TemporaryDirectory() as tmp:
     model = DeepSeekLM(ModelConfig.from_preset(preset, vocab_size=1024, mtp_depth=1))
-    Trainer(model, config, 0, TrainOutputs(tmp, tmp), sinks=[Rates()]).fit(tokens, tokens[:20_000])
+    core_share = configure_host(torch.device("cpu"), threads)  # as the train stage does
+    trainer = Trainer(model, config, 0, TrainOutputs(Path(tmp)), sinks=[Rates()], core_share=core_share)
+    trainer.fit(tokens, tokens[:20_000])
 later = seen[1:]  # the first interval holds the start: kernel selection, the first load reading
 print(json.dumps({"tok/s": sum(r for r, _ in later) / len(later), "threads": sorted({t for _, t in later})}))
 """

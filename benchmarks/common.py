@@ -10,7 +10,7 @@ from datetime import datetime
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import torch
@@ -20,13 +20,17 @@ from torch import nn
 from deepseek import files
 from deepseek.config import ModelConfig
 from deepseek.cpu import describe_machine, native_bf16_units
+from deepseek.device import resolve_device
 from deepseek.evaluation import autocast
 from deepseek.generate import generate
 from deepseek.hf import export_hf
 from deepseek.model import DeepSeekLM
-from deepseek.trainer import resolve_device
+
+if TYPE_CHECKING:
+    from transformers import DeepseekV3ForCausalLM
 
 T = TypeVar("T")
+FC = TypeVar("FC", bound=Callable[..., Any])  # a click command function, as click's decorators take
 OURS, THEIRS = "ours", "transformers"
 
 # (batch size, sequence length) per preset and device type when --batch-size / --seq-len are not given. On a CPU,
@@ -59,7 +63,7 @@ json_option = click.option(
 )
 
 
-def repeats_option(default: int) -> Callable[[T], T]:
+def repeats_option(default: int) -> Callable[[FC], FC]:
     """--repeats, with the default that suits the script."""
     return click.option(
         "--repeats",
@@ -144,7 +148,7 @@ def seeded_model(preset: str, seed: int) -> DeepSeekLM:
     return DeepSeekLM(ModelConfig.from_preset(preset))
 
 
-def transformers_twin(model: DeepSeekLM, dtype: torch.dtype = torch.float32) -> nn.Module:
+def transformers_twin(model: DeepSeekLM, dtype: torch.dtype = torch.float32) -> DeepseekV3ForCausalLM:
     """transformers' DeepseekV3ForCausalLM holding our model's weights, through the export users run.
 
     Loaded the way users load it: with a dtype other than float32, transformers keeps the router in float32.
@@ -154,7 +158,9 @@ def transformers_twin(model: DeepSeekLM, dtype: torch.dtype = torch.float32) -> 
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model, Path(tmp) / "hf")
-        return transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype)
+        twin = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype)
+    assert isinstance(twin, transformers.DeepseekV3ForCausalLM)  # the architecture our export's config.json names
+    return twin
 
 
 @torch.no_grad()
@@ -191,7 +197,7 @@ def make_train_step(
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
     model.train()
-    loss_of = partial(lm_loss, model)
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = partial(lm_loss, model)
     if compile:
         loss_of = torch.compile(loss_of)
 
@@ -223,6 +229,9 @@ def greedy_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, use
     """prompt + new_tokens greedy tokens: our generate, or transformers' generate with its own cache."""
     if isinstance(model, DeepSeekLM):
         return generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache)
+    from transformers import GenerationMixin
+
+    assert isinstance(model, GenerationMixin), type(model)
     return model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False, use_cache=use_cache
     )
@@ -244,6 +253,7 @@ def timed(fn: Callable[[], T], device: torch.device, repeats: int = 1) -> tuple[
         seconds = time.perf_counter() - start
         if best is None or seconds < best[1]:
             best = result, seconds
+    assert best is not None  # repeats >= 1
     return best
 
 

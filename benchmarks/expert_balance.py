@@ -27,12 +27,13 @@ from benchmarks.common import (
     threads_option,
     write_json,
 )
+from deepseek.balance import BalanceReport
 from deepseek.checkpoint import load_model
 from deepseek.evaluation import evaluate
 from stages.tokenizer import load_tokens
 
 
-def balance_row(text: str, dropout: bool, balance: dict, layer_names: list[str]) -> dict[str, object]:
+def balance_row(text: str, dropout: bool, balance: BalanceReport, layer_names: list[str]) -> dict[str, object]:
     """A table row of the evaluation's balance report, a column per MoE layer named as in the evaluate stage's
     expert-load figure."""
     return {

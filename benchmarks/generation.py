@@ -44,7 +44,8 @@ from benchmarks.common import (
     write_json,
 )
 from deepseek.config import PRESETS, ModelConfig
-from deepseek.trainer import resolve_dtype
+from deepseek.device import resolve_dtype
+from deepseek.model import DeepSeekLM
 
 LATENT, NO_CACHE = "ours, latent cache", "ours, no cache"
 VARIANTS = (LATENT, NO_CACHE, THEIRS)
@@ -88,7 +89,9 @@ def measure_context(
     device: torch.device,
 ) -> list[dict]:
     """Rows for one context, one per variant."""
-    prompt = context_prompt(models[LATENT].config, context, new_tokens, seed, device)
+    ours = models[LATENT]
+    assert isinstance(ours, DeepSeekLM)
+    prompt = context_prompt(ours.config, context, new_tokens, seed, device)
     length = prompt.shape[1]
     rows, reference = [], None
     for variant in VARIANTS:
@@ -120,9 +123,10 @@ def measure_context(
     return rows
 
 
-def same_tokens(continuation: torch.Tensor, reference: torch.Tensor, variant: str) -> str:
+def same_tokens(continuation: torch.Tensor, reference: torch.Tensor | None, variant: str) -> str:
     if variant == LATENT:
         return "-"
+    assert reference is not None, "the latent variant, first in VARIANTS, sets the reference"
     return "yes" if torch.equal(continuation, reference) else "no"
 
 
@@ -172,7 +176,9 @@ def main(
         raise click.BadParameter(f"contexts must be >= 1 and new tokens < max_seq_len ({config.max_seq_len})")
 
     ours = seeded_model(preset, seed)
-    theirs = transformers_twin(ours, dtype).to(device).eval()
+    theirs = transformers_twin(ours, dtype)
+    theirs.to(device)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self from mypy
+    theirs.eval()
     ours.to(device=device, dtype=dtype).eval()
     models: dict[str, nn.Module] = {LATENT: ours, NO_CACHE: ours, THEIRS: theirs}
     for model in (ours, theirs):

@@ -44,7 +44,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 import numpy as np
@@ -73,13 +73,15 @@ from benchmarks.generation import LATENT, NO_CACHE, measure_context
 from benchmarks.memory import TRAIN, Case, measure
 from benchmarks.train_throughput import measure_preset
 from deepseek import fsdp
-from deepseek.config import ModelConfig, TrainConfig
+from deepseek.config import ModelConfig
 from deepseek.cpu import keep_freed_memory
+from deepseek.device import resolve_dtype, seed_everything
 from deepseek.generate import generate
 from deepseek.model import DeepSeekLM
 from deepseek.moe import grouped_linear
 from deepseek.speculative import SpeculativeStats
-from deepseek.trainer import Trainer, TrainOutputs, resolve_dtype, seed_everything
+from deepseek.train_config import TrainConfig
+from deepseek.trainer import Trainer, TrainOutputs
 
 PASS, FAIL = "PASS", "FAIL"
 COLUMNS = ["check", "what was measured", "result", "verdict"]
@@ -174,6 +176,12 @@ class Run:
     def preset(self) -> str:
         return self.plan.preset
 
+    @property
+    def train_device(self) -> Literal["cpu", "cuda"]:
+        """The device as train.device names it (pick_device resolves auto to one of these)."""
+        assert self.device.type in ("cpu", "cuda"), self.device
+        return "cuda" if self.device.type == "cuda" else "cpu"
+
 
 def row(check: str, measured: str, result: str, ok: bool) -> dict[str, str]:
     return {"check": check, "what was measured": measured, "result": result, "verdict": PASS if ok else FAIL}
@@ -228,7 +236,7 @@ def train(model_config: ModelConfig, config: TrainConfig, tokens: np.ndarray, se
     model = DeepSeekLM(model_config)
     # The trainer's log lines go to stderr, so that stdout holds the report alone.
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
-        trainer = Trainer(model, config, seed, TrainOutputs(Path(tmp) / "checkpoints", Path(tmp) / "reports"))
+        trainer = Trainer(model, config, seed, TrainOutputs(Path(tmp) / "checkpoints"))
         trainer.fit(tokens, tokens[: len(tokens) // 8])
     return trainer
 
@@ -327,6 +335,7 @@ def check_grouped_mm(run: Run) -> list[dict[str, str]]:
         out_ref = torch.cat([F.linear(rows, w_ref[e]) for e, rows in enumerate(x_ref.split(sizes))])
         out_ref.backward(grad_out.float())
 
+    assert x.grad is not None and weight.grad is not None and x_ref.grad is not None and w_ref.grad is not None
     # bf16 rounds each result to 8 significant bits (relative 2^-8); the GEMM's float32 accumulation adds little.
     errors = {
         name: (got.float() - want).abs().max().item() / want.abs().max().item()
@@ -350,7 +359,7 @@ def check_grouped_mm(run: Run) -> list[dict[str, str]]:
 
 def check_fsdp(run: Run) -> list[dict[str, str]]:
     """3. FSDP2 sharding on one process against the same training unsharded: the same losses."""
-    base = dataclasses.replace(run.plan.fsdp_train, device=run.device.type, threads=torch.get_num_threads())
+    base = dataclasses.replace(run.plan.fsdp_train, device=run.train_device, threads=torch.get_num_threads())
     model_config = ModelConfig.from_preset(run.preset)
     tokens = markov_tokens(model_config.vocab_size, 2**16, run.seed)
     plain = train(model_config, base, tokens, run.seed)
@@ -498,7 +507,7 @@ def check_memory(run: Run) -> list[dict[str, str]]:
 def check_loss_falls(run: Run) -> list[dict[str, str]]:
     """7. The default model, trained by the Trainer on a learnable synthetic stream: its loss falls."""
     plan = run.plan
-    config = dataclasses.replace(plan.default_train, device=run.device.type, threads=torch.get_num_threads())
+    config = dataclasses.replace(plan.default_train, device=run.train_device, threads=torch.get_num_threads())
     tokens = markov_tokens(plan.default_model.vocab_size, plan.synthetic_tokens, run.seed)
     trainer = train(plan.default_model, config, tokens, run.seed)
     first, last = trainer.history.train[0]["loss"], trainer.history.train[-1]["loss"]

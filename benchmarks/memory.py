@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
@@ -53,8 +54,8 @@ from benchmarks.common import (
 )
 from benchmarks.generation import prompt_length
 from deepseek.config import PRESETS, ModelConfig
-from deepseek.hf import to_hf_config
-from deepseek.trainer import resolve_dtype
+from deepseek.device import resolve_dtype
+from deepseek.hf_config import to_hf_config
 
 TRAIN, GENERATE = "training step", "generate"
 COLUMNS = [
@@ -95,16 +96,16 @@ def measure(case: Case) -> tuple[int, int]:
     device = pick_device(case.device_name, case.threads)
     dtype = resolve_dtype("auto", device)
     torch.manual_seed(case.seed)
+    config = ModelConfig.from_preset(case.preset)  # build_model builds either implementation from this config
     if case.kind == TRAIN:
         model = build_model(case, device, torch.float32)  # fp32 weights; autocast does the rest on CUDA
         step = make_train_step(model, device, dtype)
         (warm_inputs, warm_targets), (inputs, targets) = token_batches(
-            model.config.vocab_size, 2, case.batch_size, case.seq_len, case.seed, device
+            config.vocab_size, 2, case.batch_size, case.seq_len, case.seed, device
         )
         step(warm_inputs, warm_targets)  # creates AdamW's state, which then counts as at rest
         return peak_memory(lambda: step(inputs, targets), device)
     model = build_model(case, device, dtype).eval()
-    config = ModelConfig.from_preset(case.preset)
     greedy_generate(model, torch.zeros(1, 8, dtype=torch.long, device=device), 2)  # first-call allocations
     length = prompt_length(case.context, case.new_tokens, config.max_seq_len)
     prompt = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(case.seed))
@@ -142,7 +143,9 @@ def peak_memory(call: Callable[[], object], device: torch.device) -> tuple[int, 
 
 def proc_status_bytes(field: str) -> int:
     status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+    match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+    assert match, f"no {field} in /proc/self/status"
+    return int(match.group(1)) * 1024
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -189,7 +192,7 @@ def main(
 
     rows = []
     for kind, shape in shapes.items():
-        row = {"case": kind, "shape": shape}
+        row: dict[str, Any] = {"case": kind, "shape": shape}
         for implementation in (OURS, THEIRS):
             click.echo(f"{kind}: {implementation}", err=True)
             case = Case(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import torch
@@ -36,12 +37,15 @@ from benchmarks.common import (
     write_json,
 )
 from deepseek.config import PRESETS, ModelConfig
+from deepseek.device import resolve_dtype
 from deepseek.generate import generate
 from deepseek.model import DeepSeekLM
 from deepseek.speculative import SpeculativeStats
-from deepseek.trainer import resolve_dtype
 from stages.params import load_params
 from stages.trained import load_trained
+
+if TYPE_CHECKING:
+    from transformers import DeepseekV3ForCausalLM
 
 PLAIN, SPECULATIVE = "ours, plain", "ours, speculative"
 COLUMNS = ["variant", "new tokens", "s", "tok/s", "vs ours plain", "same tokens as plain", "drafts accepted"]
@@ -49,7 +53,7 @@ COST_COLUMNS = ["context", "D", "plain step ms", "verify step ms (1 + D tokens)"
 
 
 def decode_rows(
-    ours: DeepSeekLM, theirs: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int, repeats: int
+    ours: DeepSeekLM, theirs: DeepseekV3ForCausalLM, prompts: list[torch.Tensor], new_tokens: int, repeats: int
 ) -> list[dict]:
     """One row per variant: the time to continue every prompt by new_tokens greedy tokens."""
     device = prompts[0].device
@@ -187,7 +191,9 @@ def main(
     }
     print_header(header)
     if preset is None:
-        theirs = transformers_twin(ours, dtype).to(device).eval()
+        theirs = transformers_twin(ours, dtype)
+        theirs.to(device)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self from mypy
+        theirs.eval()
         ours.to(device=device, dtype=dtype).eval()
         texts = load_params().sample.prompts
         prompts = [torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]], device=device) for t in texts]

@@ -118,7 +118,7 @@ def measure_preset(
     ours = seeded_model(preset, seed)
     theirs = transformers_twin(ours)
     ours.to(device)
-    theirs.to(device)
+    theirs.to(device)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self from mypy
     batches = token_batches(ours.config.vocab_size, warmup + steps, batch_size, seq_len, seed, device)
     diff = max_logit_diff(ours, theirs, batches[0][0][:1])  # before training moves the weights apart
     speed = {}

@@ -147,7 +147,8 @@ class MultiHeadLatentAttention(nn.Module):
                 out = self._attend_expanded(q_nope, q_rope, latent, k_rope)
             else:
                 out = self._attend_absorbed(q_nope, q_rope, cached, start)
-        return self.wo(out.reshape(batch, seq, -1))
+        projected: torch.Tensor = self.wo(out.reshape(batch, seq, -1))  # typed here: nn.Module calls return Any
+        return projected
 
     def _attend_expanded(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor
@@ -177,7 +178,7 @@ class MultiHeadLatentAttention(nn.Module):
         """
         batch, seq, heads, _ = q_nope.shape
         w_kv_b = self.wkv_b.weight.view(heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)
+        w_uk, w_uv = torch.split(w_kv_b, [self.nope_dim, self.v_dim], dim=1)
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
         # Every head attends over the same single key and value per position, so the heads are folded into
         # the query rows of one single-head attention: no per-head copy of the cache. Plain matmuls, not SDPA:

@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
+
+
+class LayerBalance(TypedDict):
+    """One MoE layer's expert load."""
+
+    counts: list[float]  # tokens routed to each expert
+    load_fractions: list[float]  # each expert's share of them
+    max_vio: float
+
+
+class BalanceReport(TypedDict):
+    """balance_report's statistics, JSON-ready."""
+
+    max_vio_global: float  # the mean of the layers' MaxVio
+    layers: list[LayerBalance]
 
 
 def load_fractions(counts: torch.Tensor) -> torch.Tensor:
@@ -16,7 +33,7 @@ def max_violation(counts: torch.Tensor) -> torch.Tensor:
     return (counts.float().amax(dim=-1) - mean) / mean.clamp_min(1e-9)
 
 
-def balance_report(counts: torch.Tensor) -> dict:
+def balance_report(counts: torch.Tensor) -> BalanceReport:
     """Per-layer counts (num_moe_layers, num_experts) -> JSON-ready statistics.
 
     The global MaxVio is the mean over layers of each layer's MaxVio on these counts; computed on the

@@ -14,8 +14,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from deepseek.errors import UserError
 
+Pair = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets): targets are the inputs shifted by one token
 
-class RandomWindows(Dataset):
+
+class RandomWindows(Dataset[Pair]):
     """Item i: (inputs, targets), a random window of seq_len + 1 tokens shifted by one."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int) -> None:
@@ -29,7 +31,7 @@ class RandomWindows(Dataset):
     def __len__(self) -> int:
         return 2**62  # indices are addresses, not a finite epoch
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> Pair:
         start = np.random.default_rng((self.seed, index)).integers(0, len(self.tokens) - self.seq_len - 1)
         window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
         return window[:-1], window[1:]
@@ -77,7 +79,7 @@ def training_batches(
     world_size: int = 1,
     num_workers: int = 0,
     pin_memory: bool = False,
-) -> DataLoader:
+) -> DataLoader[Pair]:
     """Micro-batches for steps [first_step, last_step), grad_accum_steps of them per step."""
     sampler = StepSampler(first_step, last_step, micro_batch_size * grad_accum_steps, rank, world_size)
     return DataLoader(
@@ -91,7 +93,7 @@ def training_batches(
 
 def evaluation_batches(
     tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[Pair]:
     """Consecutive non-overlapping windows: every token after the first is predicted exactly once.
 
     The last window may be shorter; it is yielded alone so that batches stay rectangular. With max_batches,

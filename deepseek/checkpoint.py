@@ -11,9 +11,10 @@ import hashlib
 import json
 import shutil
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,7 +23,7 @@ from safetensors.torch import save_model as save_safetensors_model
 
 from deepseek.config import ModelConfig
 from deepseek.errors import UserError, first_line
-from deepseek.files import OWNER_FILE, DirectoryKind, remove_dir, remove_leftovers, replacing_dir
+from deepseek.files import OWNER_FILE, DirectoryKind, JSONValue, remove_dir, remove_leftovers, replacing_dir
 from deepseek.model import DeepSeekLM
 from deepseek.versions import versions, warn_if_different
 
@@ -87,7 +88,12 @@ def checkpoint_path(directory: Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    directory: str | Path, step: int, model: DeepSeekLM, trainer_state: dict[str, Any], info: dict[str, Any], keep: int
+    directory: str | Path,
+    step: int,
+    model: DeepSeekLM,
+    trainer_state: Mapping[str, object],
+    info: Mapping[str, JSONValue],
+    keep: int,
 ) -> Path:
     """Write directory/step_{step:08d} and delete all but the newest `keep` checkpoints.
 
@@ -127,20 +133,43 @@ def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     """Optimizer, scheduler and RNG state; torch.load(weights_only=True) never runs pickled code."""
     path = Path(checkpoint) / TRAINER_STATE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types; all mean "not a file we wrote"
         raise UserError(f"refusing to load {path}: {first_line(error)}") from None
+    return state
 
 
 @dataclass
 class ResumePoint:
     path: Path
-    info: dict[str, Any]  # checkpoint.json: step, fingerprint, history, ...
-    trainer_state: dict[str, Any]
+    info: dict[str, JSONValue]  # checkpoint.json: step, fingerprint, history, ...
+    trainer_state: Mapping[str, object]  # what Trainer.state_dict returned
 
     @property
     def weights_file(self) -> Path:
         return self.path / WEIGHTS
+
+    # checkpoint.json's fields as save_checkpoint and the Trainer write them (its sha256 list vouches for the rest).
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+        return cast(int, self.info["step"])
+
+    @property
+    def history(self) -> Mapping[str, list[dict[str, float]]]:
+        """The loss histories so far: {"train": rows, "val": rows}."""
+        return cast(Mapping[str, list[dict[str, float]]], self.info["history"])
+
+    @property
+    def environment(self) -> dict[str, str] | None:
+        """The library versions that wrote it (deepseek.versions)."""
+        return cast(dict[str, str] | None, self.info.get("environment"))
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        """The tracking run of the training, where the pipeline trained it."""
+        return cast(str | None, self.info.get("mlflow_run_id"))
 
     def load_weights(self, model: DeepSeekLM) -> None:
         load_safetensors_model(model, str(self.weights_file))

@@ -221,3 +221,18 @@ def _locked(path: Path) -> bool:
             return False
     except FileNotFoundError:
         return False
+
+
+def size_thread_pool(threads: int, core_share: CoreShare | None) -> str | None:
+    """Size torch's thread pool as train.threads says: N threads; 0 with a core share, the cores other programs
+    leave free, divided among the trainings running now; 0 without one, as it is. Returns the change, to log."""
+    if threads:
+        wanted, why = threads, "train.threads"
+    elif core_share is not None:
+        wanted, why = core_share.threads()
+    else:
+        return None
+    if wanted == torch.get_num_threads():
+        return None
+    torch.set_num_threads(wanted)
+    return f"{wanted} CPU thread{'s' if wanted > 1 else ''} ({why})"

@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from deepseek.balance import balance_report
+from deepseek.balance import BalanceReport, balance_report
 from deepseek.batches import check_token_ids, evaluation_batches
-from deepseek.model import DeepSeekLM
+from deepseek.model import DeepSeekLM, ModelOutput
+
+
+class _CharacterMetrics(TypedDict, total=False):
+    bits_per_character: float  # only when evaluate is given the split's characters
+
+
+class EvalMetrics(_CharacterMetrics):
+    """evaluate's metrics (its docstring says what each is)."""
+
+    loss: float
+    perplexity: float
+    accuracy: float
+    tokens: int
+    mtp_accuracy: list[float]
+    mtp_acceptance: list[float]
+    balance: BalanceReport
 
 
 def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True) -> AbstractContextManager[Any]:
@@ -35,7 +52,7 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     dropout: bool = False,
-) -> dict:
+) -> EvalMetrics:
     """Metrics over the split (or its first max_batches batches).
 
     Bits per character divide the total negative log-likelihood by the characters the predicted tokens
@@ -49,40 +66,68 @@ def evaluate(
     device = next(model.parameters()).device
     was_training = model.training
     model.train(dropout)
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    depths = model.config.mtp_depth
-    mtp_correct = torch.zeros(depths, dtype=torch.long, device=device)
-    mtp_scored = torch.zeros(depths, dtype=torch.long, device=device)
-    mtp_agreed = torch.zeros(depths, dtype=torch.long, device=device)
-    counts = torch.zeros(len(model.moe_layers()), model.config.num_routed_experts, device=device)
-    scored = 0
+    tally = _Tally.zeros(model, device)
     batches = evaluation_batches(tokens, seq_len, batch_size, max_batches)
     for inputs, targets in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast(device, dtype):
-            out = model(inputs, predict_ahead=depths > 0)
-        nll += F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+            out = model(inputs, predict_ahead=model.config.mtp_depth > 0)
+        tally.add(out, targets)
+    model.train(was_training)
+    return tally.metrics(characters, len(tokens))
+
+
+@dataclass
+class _Tally:
+    """evaluate's running sums over the batches scored so far, on the model's device."""
+
+    nll: torch.Tensor  # negative log-likelihood, in float64: a float32 sum over a long split would drift
+    correct: torch.Tensor  # the main model's right greedy guesses
+    mtp_correct: torch.Tensor  # (mtp_depth,) each depth's right greedy guesses
+    mtp_agreed: torch.Tensor  # (mtp_depth,) each depth's guesses equal to the main model's own
+    mtp_scored: torch.Tensor  # (mtp_depth,) the tokens each depth guessed
+    expert_counts: torch.Tensor  # (num_moe_layers, num_routed_experts) tokens routed
+    scored: int = 0  # the tokens the main model guessed
+
+    @classmethod
+    def zeros(cls, model: DeepSeekLM, device: torch.device) -> _Tally:
+        depths = model.config.mtp_depth
+        return cls(
+            nll=torch.zeros((), dtype=torch.float64, device=device),
+            correct=torch.zeros((), dtype=torch.long, device=device),
+            mtp_correct=torch.zeros(depths, dtype=torch.long, device=device),
+            mtp_agreed=torch.zeros(depths, dtype=torch.long, device=device),
+            mtp_scored=torch.zeros(depths, dtype=torch.long, device=device),
+            expert_counts=torch.zeros(len(model.moe_layers()), model.config.num_routed_experts, device=device),
+        )
+
+    def add(self, out: ModelOutput, targets: torch.Tensor) -> None:
+        """Count one batch's forward against its targets."""
+        self.nll += F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
         choices = out.logits.argmax(dim=-1)  # the main model's prediction of token i + 1 at index i
-        correct += (choices == targets).sum()
+        self.correct += (choices == targets).sum()
         for k, depth_logits in enumerate(out.mtp_logits, start=1):  # depth k's of token i + k + 1
             drafts = depth_logits.argmax(dim=-1)
-            mtp_correct[k - 1] += (drafts == targets[:, k:]).sum()
-            mtp_agreed[k - 1] += (drafts == choices[:, k:]).sum()
-            mtp_scored[k - 1] += targets[:, k:].numel()
-        counts += out.expert_counts
-        scored += targets.numel()
-    model.train(was_training)
-    loss = nll.item() / scored
-    metrics: dict[str, Any] = {
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "accuracy": correct.item() / scored,
-        "tokens": scored,
-        "mtp_accuracy": (mtp_correct / mtp_scored.clamp(min=1)).tolist(),
-        "mtp_acceptance": (mtp_agreed / mtp_scored.clamp(min=1)).tolist(),
-    }
-    if characters:
-        metrics["bits_per_character"] = nll.item() / math.log(2) / (characters * scored / (len(tokens) - 1))
-    metrics["balance"] = balance_report(counts.cpu())
-    return metrics
+            self.mtp_correct[k - 1] += (drafts == targets[:, k:]).sum()
+            self.mtp_agreed[k - 1] += (drafts == choices[:, k:]).sum()
+            self.mtp_scored[k - 1] += targets[:, k:].numel()
+        self.expert_counts += out.expert_counts
+        self.scored += targets.numel()
+
+    def metrics(self, characters: int | None, split_tokens: int) -> EvalMetrics:
+        """The metrics of what was counted; characters: those of the whole split of split_tokens tokens."""
+        loss = self.nll.item() / self.scored
+        metrics: EvalMetrics = {
+            "loss": loss,
+            "perplexity": math.exp(loss),
+            "accuracy": self.correct.item() / self.scored,
+            "tokens": self.scored,
+            "mtp_accuracy": (self.mtp_correct / self.mtp_scored.clamp(min=1)).tolist(),
+            "mtp_acceptance": (self.mtp_agreed / self.mtp_scored.clamp(min=1)).tolist(),
+            "balance": balance_report(self.expert_counts.cpu()),
+        }
+        if characters:
+            metrics["bits_per_character"] = (
+                self.nll.item() / math.log(2) / (characters * self.scored / (split_tokens - 1))
+            )
+        return metrics

@@ -17,13 +17,16 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deepseek.errors import UserError
+
+# A value json.dumps writes: read-only views (Sequence, Mapping), so that list[dict[str, float]] is one too.
+JSONValue = str | int | float | bool | None | Sequence["JSONValue"] | Mapping[str, "JSONValue"]
 
 OWNER_FILE = ".written-by"  # in every output directory: which kind of output it is
 LOCK_FILE = ".lock"  # in a directory a process is writing (directory_lock)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deepseek.attention import LatentCache
 from deepseek.errors import UserError
-from deepseek.model import DeepSeekLM
+from deepseek.model import DeepSeekLM, ModelOutput
 from deepseek.sampling import sample_next
 from deepseek.speculative import Sampling, SpeculativeStats, stream_speculative
 
@@ -58,6 +60,24 @@ def stream(
     speculative: the multi-token prediction modules draft and the model verifies (one prompt at a time; same
     greedy output, same sampling distribution); stats, if given, counts the drafts and acceptances.
     """
+    _check_prompt(model, prompt)
+    if speculative:
+        check_speculative(model, prompt)
+    sampling = Sampling(temperature, top_k, top_p, generator)
+    was_training = model.training
+    model.eval()  # in training mode forward would count these tokens towards expert balancing
+    try:
+        if speculative:
+            for token in stream_speculative(model, prompt[0].tolist(), max_new_tokens, sampling, eos_token_id, stats):
+                yield prompt.new_tensor([[token]])
+        else:
+            yield from _stream_plain(model, prompt, max_new_tokens, sampling, eos_token_id, use_cache)
+    finally:
+        model.train(was_training)
+
+
+def _check_prompt(model: DeepSeekLM, prompt: torch.Tensor) -> None:
+    """Refuse an empty prompt, and token ids the model has no embedding for."""
     if prompt.numel() == 0:
         raise ValueError("the prompt is empty: give at least one token")
     if int(prompt.max()) >= model.config.vocab_size:  # an index error deep in the embedding, otherwise
@@ -65,40 +85,49 @@ def stream(
             f"the prompt holds token id {int(prompt.max())}, but the model's vocabulary has "
             f"{model.config.vocab_size} ids: use the tokenizer the model was trained with"
         )
-    if speculative:
-        check_speculative(model, prompt)
+
+
+def _stream_plain(
+    model: DeepSeekLM,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_token_id: int | None,
+    use_cache: bool,
+) -> Iterator[torch.Tensor]:
+    """stream without speculation: each token sampled from the model's prediction, then fed back to it."""
     window = model.config.max_seq_len
-    was_training = model.training
-    model.eval()  # in training mode forward would count these tokens towards expert balancing
-    try:
-        if speculative:
-            sampling = Sampling(temperature, top_k, top_p, generator)
-            for token in stream_speculative(model, prompt[0].tolist(), max_new_tokens, sampling, eos_token_id, stats):
-                yield prompt.new_tensor([[token]])
-            return
-        tokens = prompt
-        cache = model.new_cache(prompt.shape[0], min(window, prompt.shape[1] + max_new_tokens)) if use_cache else None
-        logits = model(tokens[:, -window:], cache=cache, last_logits_only=True).logits[:, -1]
-        finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-        for step in range(max_new_tokens):
-            next_token = sample_next(logits, temperature, top_k, top_p, generator)
-            tokens = torch.cat((tokens, next_token), dim=1)
-            yield next_token
-            if eos_token_id is not None:
-                finished |= next_token.squeeze(1) == eos_token_id
-                if finished.all():
-                    break
-            if step == max_new_tokens - 1:
+    tokens = prompt
+    cache = model.new_cache(prompt.shape[0], min(window, prompt.shape[1] + max_new_tokens)) if use_cache else None
+    logits = model(tokens[:, -window:], cache=cache, last_logits_only=True).logits[:, -1]
+    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for step in range(max_new_tokens):
+        next_token = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.generator)
+        tokens = torch.cat((tokens, next_token), dim=1)
+        yield next_token
+        if eos_token_id is not None:
+            finished |= next_token.squeeze(1) == eos_token_id
+            if finished.all():
                 break
-            if cache is None:
-                logits = model(tokens[:, -window:], last_logits_only=True).logits[:, -1]
-            elif cache.length == cache.max_len:
-                cache.reset()
-                logits = model(tokens[:, -(cache.max_len // 2) :], cache=cache, last_logits_only=True).logits[:, -1]
-            else:
-                logits = model(next_token, cache=cache).logits[:, -1]
-    finally:
-        model.train(was_training)
+        if step == max_new_tokens - 1:
+            break
+        logits = _next_logits(model, tokens, next_token, cache)
+
+
+def _next_logits(
+    model: DeepSeekLM, tokens: torch.Tensor, next_token: torch.Tensor, cache: LatentCache | None
+) -> torch.Tensor:
+    """The prediction after tokens, whose last is next_token: from the whole window without a cache; from the
+    most recent half window when the cache is full (rebuilt); from next_token alone otherwise."""
+    out: ModelOutput
+    if cache is None:
+        out = model(tokens[:, -model.config.max_seq_len :], last_logits_only=True)
+    elif cache.length == cache.max_len:
+        cache.reset()
+        out = model(tokens[:, -(cache.max_len // 2) :], cache=cache, last_logits_only=True)
+    else:
+        out = model(next_token, cache=cache)
+    return out.logits[:, -1]
 
 
 def check_speculative(model: DeepSeekLM, prompt: torch.Tensor) -> None:
@@ -139,3 +168,25 @@ def generate_text(
 ) -> str:
     """prompt and its continuation as text; generation stops early at the tokenizer's end-of-text token."""
     return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, **sampling))
+
+
+@dataclass
+class Sampler:
+    """Turns a prompt into text with the model, for the periodic samples during training."""
+
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+
+    def sample(self, model: DeepSeekLM, device: torch.device) -> str:
+        prompt = torch.tensor([self.encode(self.prompt)], device=device)
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        tokens = generate(
+            model, prompt, self.max_new_tokens, self.temperature, self.top_k, self.top_p, generator=generator
+        )
+        return self.decode(tokens[0].tolist())

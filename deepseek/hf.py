@@ -1,4 +1,5 @@
-"""Conversion to and from the Hugging Face `transformers` DeepseekV3 layout (config.json + safetensors).
+"""Export to and import from the Hugging Face `transformers` DeepseekV3 layout: our weights under its names and
+shapes, and whole model directories (config.json, which deepseek/hf_config.py converts, and safetensors).
 
 Our module names follow DeepSeek-V3's reference code; transformers uses its own. Routed experts are
 stacked tensors here and one key per expert there. Our RoPE pairs (x[i], x[i + d/2]), which is
@@ -18,7 +19,6 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -27,10 +27,8 @@ from safetensors.torch import load_file, save_file
 from deepseek.config import ModelConfig
 from deepseek.errors import UserError, first_line
 from deepseek.files import OWNER_FILE, DirectoryKind, replacing_dir
+from deepseek.hf_config import from_hf_config, to_hf_config
 from deepseek.model import DeepSeekLM
-
-if TYPE_CHECKING:
-    from transformers import DeepseekV3Config
 
 WEIGHTS_FILE = "model.safetensors"
 FP8_BLOCK = 128  # DeepSeek-V3's fp8 weights have one scale per 128 x 128 block
@@ -69,83 +67,6 @@ _MTP_RENAMES = {
     "eh_proj.weight": "eh_proj.weight",
     "head_norm.weight": "shared_head.norm.weight",
 }
-
-
-def to_hf_config(config: ModelConfig, eos_token_id: int | None = None) -> DeepseekV3Config:
-    """The transformers DeepseekV3Config describing the same network (and the tokenizer's end-of-text id)."""
-    from transformers import DeepseekV3Config
-
-    if config.score_func != "sigmoid":
-        raise UserError("transformers' DeepseekV3 routes with sigmoid scores; export needs score_func=sigmoid")
-    return DeepseekV3Config(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
-        q_lora_rank=config.q_lora_rank or None,
-        kv_lora_rank=config.kv_lora_rank,
-        qk_nope_head_dim=config.qk_nope_head_dim,
-        qk_rope_head_dim=config.qk_rope_head_dim,
-        v_head_dim=config.v_head_dim,
-        max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        rope_interleave=False,
-        n_shared_experts=config.num_shared_experts,
-        n_routed_experts=config.num_routed_experts,
-        num_experts_per_tok=config.num_experts_per_tok,
-        moe_intermediate_size=config.moe_intermediate_size,
-        first_k_dense_replace=config.first_k_dense_layers,
-        intermediate_size=config.intermediate_size,
-        routed_scaling_factor=config.routed_scaling_factor,
-        n_group=config.n_group,
-        topk_group=config.topk_group,
-        norm_topk_prob=True,
-        tie_word_embeddings=config.tie_embeddings,
-        initializer_range=config.init_std,
-        num_mtp_layers=config.mtp_depth,
-        architectures=["DeepseekV3ForCausalLM"],
-        bos_token_id=None,
-        eos_token_id=eos_token_id,
-    )
-
-
-def from_hf_config(hf: dict) -> ModelConfig:
-    """Our ModelConfig from a transformers DeepseekV3 config.json; refuses what we do not implement."""
-    if hf.get("model_type") != "deepseek_v3":
-        raise UserError(f"expected a deepseek_v3 config, got model_type={hf.get('model_type')!r}")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
-    for key, wanted in (("attention_bias", False), ("hidden_act", "silu"), ("norm_topk_prob", True)):
-        if hf.get(key, wanted) != wanted:
-            raise UserError(f"config.json has {key}={hf[key]!r}; only {wanted!r} is supported")
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        q_lora_rank=hf.get("q_lora_rank") or 0,
-        kv_lora_rank=hf["kv_lora_rank"],
-        qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"],
-        v_head_dim=hf["v_head_dim"],
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        max_seq_len=hf["max_position_embeddings"],
-        rms_norm_eps=hf["rms_norm_eps"],
-        num_shared_experts=hf.get("n_shared_experts") or 0,
-        num_routed_experts=hf["n_routed_experts"],
-        num_experts_per_tok=hf["num_experts_per_tok"],
-        moe_intermediate_size=hf["moe_intermediate_size"],
-        first_k_dense_layers=hf["first_k_dense_replace"],
-        intermediate_size=hf["intermediate_size"],
-        routed_scaling_factor=hf["routed_scaling_factor"],
-        n_group=hf.get("n_group") or 1,
-        topk_group=hf.get("topk_group") or 1,
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-        init_std=hf.get("initializer_range", 0.02),
-    )
 
 
 def to_hf_state_dict(model: DeepSeekLM, mtp: bool = True) -> dict[str, torch.Tensor]:

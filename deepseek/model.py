@@ -58,6 +58,19 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
+def _losses(
+    logits: torch.Tensor, mtp_logits: list[torch.Tensor], aux_loss: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss (next-token cross-entropy + aux_loss), and each multi-token prediction depth's
+    cross-entropy, (mtp_depth,): depth k's logits at index i predict targets[:, i + k]."""
+    loss = cross_entropy(logits, targets) + aux_loss
+    if not mtp_logits:
+        return loss, logits.new_zeros(0)
+    return loss, torch.stack(
+        [cross_entropy(depth_logits, targets[:, k:]) for k, depth_logits in enumerate(mtp_logits, start=1)]
+    )
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Residual dropout (as nanoGPT and the original Transformer); p = 0 leaves x untouched and draws no random
     numbers, so a model without dropout trains exactly as before it existed."""
@@ -172,19 +185,18 @@ class DeepSeekLM(nn.Module):
             aux_loss = aux_loss + mtp_aux
         loss = mtp_losses = None
         if targets is not None:
-            loss = cross_entropy(logits, targets) + aux_loss
-            mtp_losses = (
-                torch.stack(
-                    [cross_entropy(depth_logits, targets[:, k:]) for k, depth_logits in enumerate(mtp_logits, start=1)]
-                )
-                if mtp_logits
-                else logits.new_zeros(0)
-            )
-        # A row per MoE layer; the modules that did not run (multi-token prediction, at times) routed nothing.
-        missing = self.num_moe_layers - len(all_counts)
-        rows = [*all_counts, *x.new_zeros((missing, self.config.num_routed_experts), dtype=torch.float32)]
-        counts = torch.stack(rows) if rows else x.new_zeros((0, self.config.num_routed_experts), dtype=torch.float32)
+            loss, mtp_losses = _losses(logits, mtp_logits, aux_loss, targets)
+        counts = self._expert_counts(all_counts, x)
         return ModelOutput(logits, loss, aux_loss, counts, hidden, mtp_logits, mtp_losses)
+
+    def _expert_counts(self, all_counts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The tokens each expert was routed in one forward, (num_moe_layers, num_routed_experts), on like's device:
+        a row per MoE layer; the modules that did not run (multi-token prediction, at times) routed nothing."""
+        missing = self.num_moe_layers - len(all_counts)
+        rows = [*all_counts, *like.new_zeros((missing, self.config.num_routed_experts), dtype=torch.float32)]
+        if not rows:
+            return like.new_zeros((0, self.config.num_routed_experts), dtype=torch.float32)
+        return torch.stack(rows)
 
     def _predict_ahead(
         self, hidden: torch.Tensor, embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._compile import _disable_dynamo
 
 from deepseek.config import ModelConfig
 from deepseek.layers import SwiGLU
@@ -86,7 +87,7 @@ def grouped_linear(
     """
     weight = weight.to(x.dtype)
     if sizes is not None:
-        return torch.cat([F.linear(rows, weight[e]) for e, rows in enumerate(x.split(sizes))])
+        return torch.cat([F.linear(rows, weight[e]) for e, rows in enumerate(torch.split(x, sizes))])
     if x.dtype == torch.bfloat16 or not torch.compiler.is_compiling():
         return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
     return _grouped_mm_outside_compile(x, weight, ends)  # torch.compile traces grouped_mm in bf16 only (torch 2.13)
@@ -94,7 +95,7 @@ def grouped_linear(
 
 # A graph break in fp32 and fp16: dynamo's shape rule for grouped_mm admits bf16 only. torch's lazy form of
 # torch.compiler.disable: importing dynamo takes seconds, which a process that never compiles need not pay.
-@torch._disable_dynamo
+@_disable_dynamo
 def _grouped_mm_outside_compile(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
 
@@ -203,7 +204,7 @@ class MoE(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MoE:
         """model.to(torch.bfloat16) and the like cast every floating buffer; the balancing bias and the loads stay
         float32, as in DeepSeek's reference: bias steps of 1e-3 vanish in bf16, and counts above 256 round."""
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch leaves Module._apply unhinted
         self.gate.expert_bias = self.gate.expert_bias.float()
         self.pending_load = self.pending_load.float()
         return self

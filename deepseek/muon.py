@@ -44,7 +44,8 @@ def newton_schulz(matrices: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dt
     x = matrices.to(dtype)
     wide = x.size(-2) <= x.size(-1)  # iterate on the wide orientation: the Gram matrix X X^T is the smaller one
     x = x if wide else x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=NS_EPS)
+    norm: torch.Tensor = x.norm(dim=(-2, -1), keepdim=True)  # typed here: torch leaves Tensor.norm's return unhinted
+    x = x / norm.clamp(min=NS_EPS)
     batch = x.reshape(-1, *x.shape[-2:])
     for _ in range(steps):
         gram = batch @ batch.mT

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
 from deepseek.files import write_json, write_text
 from stages import tracking
-from stages.options import params_option, report_user_errors, trained_model_option
+from stages.options import TRAIN_LOG, VAL_LOG, params_option, report_user_errors, trained_model_option
 from stages.params import load_params
 from stages.tokenizer import check_vocabulary, load_meta, load_tokens
+
+if TYPE_CHECKING:
+    from deepseek.evaluation import EvalMetrics
 
 
 @click.command()
@@ -46,38 +50,55 @@ def evaluate(params_path: str, model_dir: Path, tokens_dir: Path, reports_dir: P
         characters=meta["val_characters"],
         progress=True,
     )
-    balance = val.pop("balance")
-    # The DVC metrics file holds the headline only, so that `dvc exp show` stays readable.
-    metrics = {
-        "val": {key: val[key] for key in ("bits_per_character", "loss", "perplexity", "accuracy")}
-        | {"max_vio": balance["max_vio_global"]}
-        | {f"mtp_accuracy_{k}": accuracy for k, accuracy in enumerate(val["mtp_accuracy"], start=1)}
-        | {f"mtp_acceptance_{k}": rate for k, rate in enumerate(val["mtp_acceptance"], start=1)}
-    }
+    metrics = _headline(val)
     write_json(reports_dir / "metrics.json", metrics)
-
-    fractions = np.array([layer["load_fractions"] for layer in balance["layers"]])
+    fractions = np.array([layer["load_fractions"] for layer in val["balance"]["layers"]])
     _write_expert_load_csv(reports_dir / "expert_load.csv", fractions)
     figures.expert_load(fractions, model.config.moe_layer_names(), reports_dir / "figures" / "expert_load.png")
     figures.loss_curves(
-        _read_csv(reports_dir / "train_log.csv"),
-        _read_csv(reports_dir / "val_log.csv"),
+        _read_csv(reports_dir / TRAIN_LOG),
+        _read_csv(reports_dir / VAL_LOG),
         val["loss"],
         reports_dir / "figures" / "loss.png",
     )
+    _log_to_mlflow(reports_dir, metrics, val)
+    click.echo(_summary(val))
+
+
+def _headline(val: EvalMetrics) -> dict[str, dict[str, float]]:
+    """The DVC metrics file's content: the headline only, so that `dvc exp show` stays readable."""
+    return {
+        "val": {
+            "bits_per_character": val["bits_per_character"],
+            "loss": val["loss"],
+            "perplexity": val["perplexity"],
+            "accuracy": val["accuracy"],
+        }
+        | {"max_vio": val["balance"]["max_vio_global"]}
+        | {f"mtp_accuracy_{k}": accuracy for k, accuracy in enumerate(val["mtp_accuracy"], start=1)}
+        | {f"mtp_acceptance_{k}": rate for k, rate in enumerate(val["mtp_acceptance"], start=1)}
+    }
+
+
+def _log_to_mlflow(reports_dir: Path, metrics: dict[str, dict[str, float]], val: EvalMetrics) -> None:
+    """The headline, the tokens scored and each layer's MaxVio, the figures and the expert loads, to the run."""
     run = tracking.Run.resume(reports_dir / tracking.RUN_FILE)
     run.log_metrics(
         tracking.flatten(metrics)
         | {"val.tokens": val["tokens"]}
-        | {f"val.max_vio/layer_{i}": layer["max_vio"] for i, layer in enumerate(balance["layers"])}
+        | {f"val.max_vio/layer_{i}": layer["max_vio"] for i, layer in enumerate(val["balance"]["layers"])}
     )
     run.log_artifact(reports_dir / "figures", "figures")
     run.log_artifact(reports_dir / "expert_load.csv")
     run.flush()  # the metrics went asynchronously
-    click.echo(
+
+
+def _summary(val: EvalMetrics) -> str:
+    """One line: the headline metrics, and each multi-token prediction depth's accuracy and acceptance."""
+    return (
         f"val: loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
         f"bits/char {val['bits_per_character']:.4f} | accuracy {val['accuracy']:.4f} | "
-        f"MaxVio {balance['max_vio_global']:.3f}"
+        f"MaxVio {val['balance']['max_vio_global']:.3f}"
         + "".join(
             f" | MTP depth {k}: accuracy {accuracy:.3f}, greedy acceptance {rate:.3f}"
             for k, (accuracy, rate) in enumerate(zip(val["mtp_accuracy"], val["mtp_acceptance"], strict=True), start=1)

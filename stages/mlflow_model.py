@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from mlflow.models import set_model
-from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.pyfunc.model import PythonModel, PythonModelContext  # where mlflow.pyfunc's names are defined
 
 
 class DeepSeekPyfunc(PythonModel):
@@ -34,7 +34,8 @@ class DeepSeekPyfunc(PythonModel):
         if ids.dim() != 2:
             raise ValueError(f"expected token ids of shape [batch, seq], got shape {list(ids.shape)}")
         with torch.no_grad():
-            return self.model(ids).logits.tolist()
+            logits: list[list[list[float]]] = self.model(ids).logits.tolist()  # typed here: module calls return Any
+        return logits
 
 
 set_model(DeepSeekPyfunc())

@@ -39,6 +39,7 @@ params_option = click.option(
     help="Parameters file; all of it is checked before any work.",
 )
 TRAINED_MODEL = Path("model/final")
+TRAIN_LOG, VAL_LOG = "train_log.csv", "val_log.csv"  # in the reports directory: the loss curves DVC plots
 
 
 def _existing_unless_trained_model(ctx: click.Context, param: click.Parameter, model_dir: Path) -> Path:

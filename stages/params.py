@@ -22,8 +22,9 @@ from typing import Any, Literal
 
 import yaml
 
-from deepseek.config import PRESETS, ModelConfig, TrainConfig
+from deepseek.config import PRESETS, ModelConfig
 from deepseek.errors import ConfigError, UserError, first_line, require
+from deepseek.train_config import TrainConfig
 
 PARAMS_FILE = "params.yaml"
 

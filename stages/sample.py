@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import click
 
@@ -11,6 +11,17 @@ from deepseek.files import write_json, write_text
 from stages import tracking
 from stages.options import params_option, report_user_errors, trained_model_option
 from stages.params import load_params
+
+
+class _Drafted(TypedDict, total=False):
+    draft_acceptance: float  # with speculative decoding: the share of the drafts accepted
+
+
+class Sample(_Drafted):
+    """One generation, as samples.json holds it."""
+
+    prompt: str
+    text: str
 
 
 @click.command()
@@ -36,7 +47,7 @@ def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
     params = load_params(params_path).sample
     model, tokenizer = load_trained(model_dir)
     generator = torch.Generator().manual_seed(params.seed)
-    samples: list[dict[str, Any]] = []
+    samples: list[Sample] = []
     for prompt in params.prompts:
         stats = SpeculativeStats()
         text = generate_text(
@@ -64,7 +75,7 @@ def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
     run.log_artifact("dvc.lock")  # DVC updates it after each stage, so it holds this run's earlier stages
 
 
-def _markdown(samples: list[dict], settings: dict) -> str:
+def _markdown(samples: list[Sample], settings: dict[str, Any]) -> str:
     lines = ["# Samples", "", "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), ""]
     for item in samples:
         lines += [f"## {item['prompt']}", "", "```text", item["text"], "```", ""]

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # safe in a git ref, a shell and an MLflow filter
 Scalar = bool | int | float | str
+MetricValues = dict[str, dict[str, list[float]]]  # cell -> metric -> the values of the cell's runs, in seed order
 # The evaluate stage's headline metric: a run that has it was trained and evaluated. Not every reported metric
 # need exist in every cell (a model without multi-token prediction has no acceptance rate).
 EVALUATED = "val.bits_per_character"
@@ -264,9 +265,9 @@ def _value(run: MlflowRun, name: str) -> float | None:
         return None
 
 
-def metric_values(study: Study, runs: dict[Trial, MlflowRun]) -> dict[str, dict[str, list[float]]]:
+def metric_values(study: Study, runs: dict[Trial, MlflowRun]) -> MetricValues:
     """cell -> metric -> the values of the cell's complete runs, in seed order."""
-    values: dict[str, dict[str, list[float]]] = {cell: {m: [] for m in study.metrics} for cell in study.cells}
+    values: MetricValues = {cell: {m: [] for m in study.metrics} for cell in study.cells}
     for trial, run in runs.items():
         for metric in study.metrics:
             value = _value(run, metric)

@@ -9,6 +9,7 @@ import time
 from datetime import datetime
 from itertools import chain
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -16,6 +17,7 @@ from deepseek.errors import UserError
 from deepseek.files import write_text
 from stages.options import report_user_errors
 from stages.studies import (
+    MetricValues,
     Study,
     Trial,
     complete_runs,
@@ -26,6 +28,9 @@ from stages.studies import (
     param_text,
     runs_of,
 )
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run as MlflowRun
 
 BEGIN = "<!-- begin: written by `deepseek study report`; edits between these lines are replaced -->"
 END = "<!-- end: written by `deepseek study report` -->"
@@ -162,7 +167,9 @@ def report(study_path: Path, out_dir: Path | None) -> None:
     click.echo(f"wrote {path} and {len(pictures)} figure(s) in {figure_dir}: {len(runs)} runs")
 
 
-def _report_block(plan: Study, study_path: Path, runs: dict, values: dict, pictures: list[Path]) -> str:
+def _report_block(
+    plan: Study, study_path: Path, runs: dict[Trial, MlflowRun], values: MetricValues, pictures: list[Path]
+) -> str:
     """The generated part of the report: where the numbers come from, the table, the figures."""
     lines = [
         BEGIN,
@@ -185,7 +192,7 @@ def _report_block(plan: Study, study_path: Path, runs: dict, values: dict, pictu
     return "\n".join(lines)
 
 
-def _provenance(plan: Study, runs: dict) -> str:
+def _provenance(plan: Study, runs: dict[Trial, MlflowRun]) -> str:
     """How many runs, when, on what machine, from which commit, with which params."""
     started = sorted(datetime.fromtimestamp(run.info.start_time / 1000) for run in runs.values())
     machines = sorted({run.data.tags.get("machine", "unknown machine") for run in runs.values()})
@@ -201,7 +208,7 @@ def _provenance(plan: Study, runs: dict) -> str:
     )
 
 
-def _table(plan: Study, runs: dict, values: dict) -> list[str]:
+def _table(plan: Study, runs: dict[Trial, MlflowRun], values: MetricValues) -> list[str]:
     """A Markdown row per cell: its settings, its number of runs, and each metric's mean ± sd over them."""
     header = ["cell", "settings", "runs", *plan.metrics.values()]
     rows = [
@@ -216,7 +223,7 @@ def _table(plan: Study, runs: dict, values: dict) -> list[str]:
     ]
 
 
-def _differences(plan: Study, values: dict) -> list[str]:
+def _differences(plan: Study, values: MetricValues) -> list[str]:
     """A row per other cell and metric: its difference from the reference cell, the difference's standard error
     over the seeds, and whether it exceeds twice that: what the seeds can show, for the conclusions to keep to."""
     reference = values[plan.reference]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
+from stages.data import PREPARED_DIR
 from stages.options import params_option, report_user_errors
 from stages.params import load_params
-from stages.tokenizer import PREPARED_DIR, TOKENIZER_DIR, TOKENS_DIR, tokenize_corpus
+from stages.tokenizer import TOKENIZER_DIR, TOKENS_DIR, tokenize_corpus
 
 
 @click.command()
@@ -53,8 +54,10 @@ def tokenize(params_path: str, prepared_dir: str, tokenizer_dir: str, tokens_dir
     params = load_params(params_path).tokenizer
     meta = tokenize_corpus(params, prepared_dir, tokenizer_dir, tokens_dir)
     click.echo(f"tokenizer {meta['kind']}: vocab {meta['vocab_size']:,} -> {tokenizer_dir}")
-    for split in ("train", "val"):
-        tokens, characters = meta[f"{split}_tokens"], meta[f"{split}_characters"]
+    for split, tokens, characters in (
+        ("train", meta["train_tokens"], meta["train_characters"]),
+        ("val", meta["val_tokens"], meta["val_characters"]),
+    ):
         click.echo(f"{split}: {tokens:,} tokens, {characters / tokens:.2f} characters per token")
     click.echo(f"tokens ({meta['dtype']}) -> {tokens_dir}")
 

@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -40,6 +40,20 @@ TOKENIZER_KIND = DirectoryKind(
 TOKENS_KIND = DirectoryKind("deepseek tokenize (tokens)", frozenset({"train.bin", "val.bin", META_FILE}), META_FILE)
 RERUN = "run the tokenize stage first (python -m stages.tokenize)"
 
+
+class TokensMeta(TypedDict):
+    """meta.json of a tokens directory."""
+
+    kind: str  # the tokenizer's: char, bpe or pretrained
+    vocab_size: int
+    dtype: str  # the ids' NumPy dtype in train.bin and val.bin, stored little-endian
+    train_tokens: int
+    val_tokens: int
+    train_characters: int
+    val_characters: int
+    eos_token_id: int | None
+
+
 # A chunk boundary goes right after a newline that has non-whitespace on both sides. There the GPT-2
 # pre-tokenizer regex always ends a pre-token before the newline (no pattern takes a letter, digit or symbol
 # together with "\n"), the lone newline is its own pre-token whether or not the text goes on, and the next
@@ -56,7 +70,7 @@ def tokenize_corpus(
     prepared_dir: str | Path = PREPARED_DIR,
     tokenizer_dir: str | Path = TOKENIZER_DIR,
     tokens_dir: str | Path = TOKENS_DIR,
-) -> dict[str, Any]:
+) -> TokensMeta:
     """The tokenize stage: build the tokenizer, save it, encode both splits with the saved copy; returns the meta.
 
     Both outputs are replaced only once everything has succeeded; a failure leaves them as they were.
@@ -141,8 +155,9 @@ def _bpe_tokenizer(train_text: str, vocab_size: int) -> PreTrainedTokenizerFast:
 def _wrap(tokenizer: Tokenizer, **special_tokens: str) -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
-    # Without clean_up_tokenization_spaces=False, decode would turn " ." into "." and break the round trip.
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **special_tokens)
+    # Without clean_up_tokenization_spaces=False, decode would turn " ." into "." and break the round trip. The
+    # ignore: transformers leaves this constructor (TokenizersBackend.__init__) unhinted.
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **special_tokens)  # type: ignore[no-untyped-call]
 
 
 def _pretrained_tokenizer(name: str) -> PreTrainedTokenizerFast:
@@ -237,7 +252,7 @@ def write_tokens(
     stats: Mapping[str, Any],
     kind: str,
     inputs: Sequence[str | Path] = (),
-) -> dict[str, Any]:
+) -> TokensMeta:
     """Write train.bin, val.bin and meta.json to out_dir (replacing it whole) and return the meta.
 
     stats is the prepared folder's stats.json; its character counts go into the meta.
@@ -247,7 +262,7 @@ def write_tokens(
     for ids in (train_ids, val_ids):
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):  # would wrap around silently in dtype
             raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
-    meta = {
+    meta: TokensMeta = {
         "kind": kind,
         "vocab_size": vocab_size,
         "dtype": dtype.name,
@@ -264,15 +279,16 @@ def write_tokens(
     return meta
 
 
-def load_meta(tokens_dir: str | Path) -> dict[str, Any]:
+def load_meta(tokens_dir: str | Path) -> TokensMeta:
     """meta.json of a tokens directory."""
     path = Path(tokens_dir) / META_FILE
     if not path.is_file():
         raise UserError(f"no tokens in {tokens_dir} ({path} is missing): {RERUN}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta: TokensMeta = json.loads(path.read_text(encoding="utf-8"))  # as write_tokens wrote it
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is not valid JSON ({first_line(error)}): {RERUN}") from None
+    return meta
 
 
 def load_tokens(tokens_dir: str | Path, split: str) -> np.memmap:
@@ -282,7 +298,7 @@ def load_tokens(tokens_dir: str | Path, split: str) -> np.memmap:
     meta = load_meta(tokens_dir)
     path = Path(tokens_dir) / f"{split}.bin"
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    count = meta[f"{split}_tokens"]
+    count = meta["train_tokens"] if split == "train" else meta["val_tokens"]
     if not path.is_file() or path.stat().st_size != count * dtype.itemsize:
         raise UserError(f"{path} is missing or does not hold the {count} {meta['dtype']} ids of {META_FILE}: {RERUN}")
     if count == 0:  # np.memmap cannot map an empty file

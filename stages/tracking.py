@@ -325,19 +325,20 @@ class Run:
 
         # Its INFO lines (started, stopped, no GPU here) would only interleave with the training's progress bar.
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-        monitor = SystemMetricsMonitor(
+        # The ignores here and in finish(): MLflow leaves SystemMetricsMonitor's methods unhinted.
+        monitor = SystemMetricsMonitor(  # type: ignore[no-untyped-call]
             self.run_id,
             sampling_interval=SYSTEM_METRICS_INTERVAL_S,
             samples_before_logging=SYSTEM_METRICS_SAMPLES,
             resume_logging=resumed,  # a resumed training's points go on after the interrupted one's
             tracking_uri=tracking_uri(),
         )
-        monitor.start()
+        monitor.start()  # type: ignore[no-untyped-call]
         self._system_metrics = monitor
 
     def finish(self, status: str = "FINISHED") -> None:
         if self._system_metrics is not None:
-            self._system_metrics.finish()
+            self._system_metrics.finish()  # type: ignore[no-untyped-call]
             self._system_metrics = None
         self.flush()
         self._do(lambda client, run_id: client.set_terminated(run_id, status))
@@ -366,22 +367,23 @@ def _within(deadline_s: float, call: Callable[[], T]) -> T:
     """call(), or TimeoutError once deadline_s have passed: a server that trickles its answer resets a read
     timeout with every byte, so only a deadline on the whole call bounds it. The call runs on in a daemon
     thread, and tracking is turned off."""
-    result: dict[str, Any] = {}
+    values: list[T] = []  # the call's value, once it has returned
+    errors: list[BaseException] = []  # or what it raised
 
     def run() -> None:
         try:
-            result["value"] = call()
+            values.append(call())
         except BaseException as error:
-            result["error"] = error
+            errors.append(error)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(deadline_s)
     if thread.is_alive():
         raise TimeoutError(f"no answer within {deadline_s:.0f} s")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+    if errors:
+        raise errors[0]
+    return values[0]
 
 
 def log_model(run: Run, model_dir: Path, register_as: str | None, alias: str) -> str | None:
@@ -409,7 +411,8 @@ def log_model(run: Run, model_dir: Path, register_as: str | None, alias: str) ->
             with _fluent_tracking_uri():
                 version = _retry(lambda: mlflow.register_model(info.model_uri, register_as))
             run._do(lambda client, _: client.set_registered_model_alias(register_as, alias, version.version))
-        return info.model_uri
+        model_uri: str = info.model_uri  # typed here: mlflow loads mlflow.pyfunc lazily, so its results read as Any
+        return model_uri
     except Exception as error:
         run._disable(error)
         return None

@@ -5,11 +5,13 @@ Apart from the command (stages/train.py), so that `deepseek train --help` starts
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
@@ -29,22 +31,24 @@ from deepseek.checkpoint import (
 )
 from deepseek.config import ModelConfig
 from deepseek.cpu import describe_machine
-from deepseek.files import check_replaceable, directory_lock, write_json
-from deepseek.model import DeepSeekLM
-from deepseek.trainer import (
-    Sampler,
-    Trainer,
-    TrainingStopped,
-    TrainOutputs,
+from deepseek.device import (
+    configure_host,
     describe_precision,
     precision_reason,
     resolve_device,
     resolve_dtype,
     seed_everything,
 )
+from deepseek.files import check_replaceable, directory_lock, write_json
+from deepseek.generate import Sampler
+from deepseek.model import DeepSeekLM
+from deepseek.stopping import TrainingStopped
+from deepseek.train_metrics import FitMetrics
+from deepseek.trainer import Trainer, TrainOutputs
 from deepseek.versions import warn_if_different
 from stages import environment, tracking
 from stages.code import code_version
+from stages.options import TRAIN_LOG, VAL_LOG
 from stages.params import DataParams, Params, SampleParams, load_params
 from stages.tokenizer import load_meta, load_tokenizer, load_tokens
 
@@ -66,12 +70,7 @@ def run_training(
     counts = model.parameter_counts()
     device = resolve_device(params.train.device)
     precision = describe_precision(resolve_dtype(params.train.dtype, device))
-    reason = precision_reason(params.train.dtype, device)
-    click.echo(
-        f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token; "
-        f"{params.train.max_steps} steps of {params.train.tokens_per_step:,} tokens; {precision} on {device.type} "
-        f"({reason})"
-    )
+    _announce(params, counts, precision, device)
     # What the trained weights depend on; a checkpoint resumes only onto the same (stages/code.py: "code").
     fingerprint = {
         "params": run_fingerprint(config.to_dict(), params.train.optimisation(), params.seed),
@@ -90,17 +89,18 @@ def run_training(
             model,
             params.train,
             params.seed,
-            TrainOutputs(model_dir / "checkpoints", reports_dir),
+            TrainOutputs(model_dir / "checkpoints", reports_dir / TRAIN_LOG, reports_dir / VAL_LOG),
             sampler=_sampler(params.sample, tokenizer),
             sinks=[run],
             checkpoint_info={"fingerprint": fingerprint, "mlflow_run_id": run.run_id},
+            core_share=configure_host(device, params.train.threads),
         )
         if resume is not None:
             trainer.resume(resume)
         metrics = _fit(trainer, run, tokens_dir)
         trained = trainer.full_model()  # on every rank: under FSDP, a collective that gathers the shards to rank 0
         if distributed.is_main():
-            _save_outputs(trained, metrics | {"parameters": counts}, run, params, model_dir, tokenizer_dir, reports_dir)
+            _save_outputs(trained, metrics, counts, run, params, model_dir, tokenizer_dir, reports_dir)
 
 
 def _resume_point(checkpoint_dir: Path, fingerprint: dict[str, str], max_steps: int) -> ResumePoint | None:
@@ -112,15 +112,24 @@ def _resume_point(checkpoint_dir: Path, fingerprint: dict[str, str], max_steps: 
     resume = find_resume_point(checkpoint_dir, fingerprint)
     if distributed.is_main():
         distributed.barrier()
-    if resume is not None and resume.info["step"] >= max_steps:
+    if resume is not None and resume.step >= max_steps:
         click.echo(f"{resume.path} is a finished training of these params, data and code: training again")
         return None
     if resume is not None:
-        warn_if_different(resume.info.get("environment"), f"the checkpoint {resume.path}")
+        warn_if_different(resume.environment, f"the checkpoint {resume.path}")
     return resume
 
 
-def _fit(trainer: Trainer, run: tracking.Run, tokens_dir: Path) -> dict:
+def _announce(params: Params, counts: dict[str, int], precision: str, device: torch.device) -> None:
+    """The run in one line: the model's size, the steps, and how and why it computes as it does."""
+    click.echo(
+        f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token; "
+        f"{params.train.max_steps} steps of {params.train.tokens_per_step:,} tokens; {precision} on {device.type} "
+        f"({precision_reason(params.train.dtype, device)})"
+    )
+
+
+def _fit(trainer: Trainer, run: tracking.Run, tokens_dir: Path) -> FitMetrics:
     """trainer.fit, with the MLflow run closed as KILLED or FAILED, and the exit code, when it stops early."""
     try:
         return trainer.fit(load_tokens(tokens_dir, "train"), load_tokens(tokens_dir, "val"))
@@ -149,9 +158,9 @@ def _sampler(sample: SampleParams, tokenizer: PreTrainedTokenizerBase) -> Sample
 
 def _tracking_run(
     params: Params,
-    model_config: dict,
+    model_config: dict[str, Any],
     tags: dict[str, str],
-    stats: dict,
+    stats: dict[str, Any],  # data_stats.json
     resume: ResumePoint | None,
     params_path: str,
     tokenizer_dir: Path,
@@ -160,8 +169,8 @@ def _tracking_run(
     the dataset and the tokenizer."""
     if not distributed.is_main():
         return tracking.Run(None, None)  # only rank 0 tracks and writes files
-    if resume is not None and resume.info.get("mlflow_run_id"):
-        run = tracking.Run.attach(resume.info["mlflow_run_id"])
+    if resume is not None and resume.mlflow_run_id:
+        run = tracking.Run.attach(resume.mlflow_run_id)
         run.claim()
         run.monitor_system(resumed=True)
         return run
@@ -178,7 +187,8 @@ def _tracking_run(
 
 def _save_outputs(
     model: DeepSeekLM,
-    summary: dict,
+    metrics: FitMetrics,
+    counts: dict[str, int],
     run: tracking.Run,
     params: Params,
     model_dir: Path,
@@ -187,8 +197,9 @@ def _save_outputs(
 ) -> None:
     """model/final, the training summary, and their copies in MLflow: artifacts and a registered model."""
     final_dir = save_model(model, model_dir / "final", tokenizer_dir=tokenizer_dir)
-    write_json(reports_dir / "train_summary.json", summary)
-    run.log_metrics({f"final.{k}": v for k, v in summary.items() if k != "parameters"})
+    final = dataclasses.asdict(metrics)
+    write_json(reports_dir / "train_summary.json", final | {"parameters": counts})
+    run.log_metrics({f"final.{k}": v for k, v in final.items()})
     run.log_artifact(final_dir, "checkpoint")  # the same bytes as the DVC-tracked model/final
     for checkpoint in list_checkpoints(model_dir / "checkpoints"):
         for name in (WEIGHTS, CONFIG, INFO):
@@ -197,7 +208,7 @@ def _save_outputs(
     tracking.log_model(run, final_dir, mlflow.model_name if mlflow.register_model else None, mlflow.alias)
     run.finish()
     click.echo(
-        f"done: train loss {summary['train_loss']:.4f}, sampled val loss {summary['val_loss_sampled']:.4f}; "
+        f"done: train loss {metrics.train_loss:.4f}, sampled val loss {metrics.val_loss_sampled:.4f}; "
         f"model in {final_dir}" + (f"; MLflow run {run.run_id}" if run.active else "")
     )
 
@@ -207,7 +218,12 @@ def _corpus_uri(data: DataParams) -> str:
 
 
 def _run_tags(
-    params: Params, stats: dict, config: ModelConfig, counts: dict[str, int], precision: str, device: torch.device
+    params: Params,
+    stats: dict[str, Any],
+    config: ModelConfig,
+    counts: dict[str, int],
+    precision: str,
+    device: torch.device,
 ) -> dict[str, str]:
     """What the run is, for finding and comparing runs: code, data, machine, study; and facts of the model.
 

@@ -15,9 +15,11 @@ import torch
 
 from deepseek import distributed, fsdp
 from deepseek.checkpoint import find_resume_point
-from deepseek.config import ModelConfig, TrainConfig
+from deepseek.config import ModelConfig
+from deepseek.device import seed_everything
 from deepseek.model import DeepSeekLM
-from deepseek.trainer import Trainer, TrainOutputs, seed_everything
+from deepseek.train_config import TrainConfig
+from deepseek.trainer import Trainer, TrainOutputs
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out", type=Path)
@@ -52,13 +54,15 @@ params = TrainConfig(
 )
 seed_everything(0)
 model = DeepSeekLM(ModelConfig.from_preset("tiny", bias_update_rate=0.01))
-outputs = TrainOutputs(args.out / "checkpoints", args.out / "reports")
+outputs = TrainOutputs(args.out / "checkpoints", args.out / "reports" / "train_log.csv")
 trainer = Trainer(model, params, seed=0, outputs=outputs, checkpoint_info={"fingerprint": fingerprint})
 if args.resume is not None:
     if distributed.is_main():
         shutil.copytree(args.resume, outputs.checkpoint_dir / args.resume.name)
     distributed.barrier()
-    trainer.resume(find_resume_point(outputs.checkpoint_dir, fingerprint))
+    point = find_resume_point(outputs.checkpoint_dir, fingerprint)
+    assert point is not None, f"no checkpoint to resume in {outputs.checkpoint_dir}"
+    trainer.resume(point)
 trainer.fit(tokens, tokens)
 biases = torch.stack([moe.gate.expert_bias for moe in model.moe_layers()])
 # Under FSDP gathered from the shards: collectives.
@@ -70,7 +74,7 @@ torch.save(
         "head": head,
         "experts": experts,
         "sharded": fsdp.is_sharded(model),
-        "optimizer": type(trainer.optimizer).__name__,
+        "optimizer": type(trainer.train_step.optimizer).__name__,
     },
     args.out / f"rank{distributed.rank()}.pt",
 )

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -21,7 +22,7 @@ CORPUS_PLACES = (ROOT / "data" / "input-1.txt", ROOT.parent / "shared" / "data" 
 REAL_CORPUS = next((path for path in CORPUS_PLACES if path.is_file()), CORPUS_PLACES[0])
 STAGES = ("check", "download", "prepare", "tokenize", "train", "evaluate", "sample")
 
-TINY_PARAMS = {
+TINY_PARAMS: dict[str, dict[str, Any]] = {
     "model": {"preset": "tiny"},
     "train": {
         "max_steps": 6,

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepseek.attention import CPU_MATERIALISED_MAX_SEQ, causal_attention
+from deepseek.attention import CPU_MATERIALISED_MAX_SEQ, MultiHeadLatentAttention, causal_attention
 from deepseek.config import ModelConfig
 from deepseek.layers import apply_rope, rope_tables
 from deepseek.model import DeepSeekLM
@@ -36,6 +36,7 @@ def reference_mla(attn, x, cos, sin):
 def test_sdpa_attention_matches_plain_reference(q_lora_rank):
     model = randomized(DeepSeekLM(ModelConfig.from_preset("tiny", q_lora_rank=q_lora_rank)))
     attn = model.layers[0].attn
+    assert isinstance(attn, MultiHeadLatentAttention)
     x = torch.randn(2, 20, model.config.hidden_size)
     c = model.config
     cos, sin = rope_tables(c.qk_rope_head_dim, 0, 20, c.rope_theta)
@@ -90,13 +91,15 @@ def test_bf16_causal_attention_on_cpu_follows_float32_sdpa(seq):
     q, k, v = (torch.randn(2, 3, seq, 48, requires_grad=True) for _ in range(3))
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.15)
     low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
-    actual = causal_attention(*low, scale=0.15)
+    low_q, low_k, low_v = low
+    actual = causal_attention(low_q, low_k, low_v, scale=0.15)
     assert actual.dtype == torch.bfloat16
     torch.testing.assert_close(actual.float(), expected, atol=2e-2, rtol=2e-2)  # bf16 keeps 8 bits of mantissa
     grad = torch.randn_like(expected)
     expected.backward(grad)
     actual.backward(grad.bfloat16())
     for reference, ours in zip((q, k, v), low, strict=True):
+        assert ours.grad is not None and reference.grad is not None
         torch.testing.assert_close(ours.grad.float(), reference.grad, atol=5e-2, rtol=5e-2)
     # the future never leaks into the past: the first position attends to itself only
     torch.testing.assert_close(actual[:, :, 0].float(), low[2][:, :, 0].float(), atol=0, rtol=0)

@@ -13,12 +13,13 @@ import torch
 from click.testing import CliRunner
 
 from deepseek.checkpoint import save_model
-from deepseek.config import ModelConfig, TrainConfig
+from deepseek.config import ModelConfig
 from deepseek.errors import UserError
 from deepseek.evaluation import evaluate
-from deepseek.generate import generate, sample_next
+from deepseek.generate import generate
 from deepseek.model import DeepSeekLM
-from deepseek.sampling import next_token_probs
+from deepseek.sampling import next_token_probs, sample_next
+from deepseek.train_config import TrainConfig
 from deepseek.trainer import Trainer, TrainOutputs
 from stages.cli import main
 from stages.params import TokenizerParams
@@ -64,7 +65,7 @@ def test_ids_beyond_the_vocabulary_are_refused_before_the_forward():
     with pytest.raises(UserError, match="evaluation tokens hold token id 99"):
         evaluate(model, tokens, seq_len=8, batch_size=2)
     config = TrainConfig(max_steps=1, micro_batch_size=2, grad_accum_steps=1, seq_len=8, eval_batches=1, device="cpu")
-    trainer = Trainer(model, config, 0, TrainOutputs("unused", "unused"))
+    trainer = Trainer(model, config, 0, TrainOutputs(Path("unused")))
     with pytest.raises(UserError, match="training tokens hold token id 99"):
         trainer.fit(tokens, tokens)
 

@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 from deepseek.balance import balance_report, max_violation
 from deepseek.config import ModelConfig
 from deepseek.model import DeepSeekLM
-from deepseek.trainer import global_expert_loads
+from deepseek.train_step import global_expert_loads
 
 
 def skewed_model(rate: float = 1e-3, rule: str = "sign") -> DeepSeekLM:

@@ -169,7 +169,9 @@ def test_preset_table_gives_the_counts_of_the_model_built():
         written = [cell.strip().strip("*") for cell in cells.split("|")]
         keys = ("total", "active", "total_non_embedding", "active_non_embedding")
         for cell, key in zip(written, keys, strict=True):
-            number, unit = re.fullmatch(r"([\d.]+)([KM])", cell).groups()
+            match = re.fullmatch(r"([\d.]+)([KM])", cell)
+            assert match, (preset, key, cell)
+            number, unit = match.groups()
             decimals = len(number.partition(".")[2])
             assert f"{counts[key] / {'K': 1e3, 'M': 1e6}[unit]:.{decimals}f}" == number, (preset, key, cell)
 

@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from deepseek.trainer import History
+from deepseek.train_metrics import History
 from stages import figures
 from stages.evaluate import _read_csv
 
@@ -15,7 +15,12 @@ from stages.evaluate import _read_csv
 def drawn(monkeypatch):
     """The figures each function drew, kept open for inspection instead of saved."""
     kept = []
-    monkeypatch.setattr(figures, "_save", lambda fig, path: kept.append(fig) or path)
+
+    def keep(fig, path):
+        kept.append(fig)
+        return path
+
+    monkeypatch.setattr(figures, "_save", keep)
     yield kept
     for fig in kept:
         plt.close(fig)
@@ -26,7 +31,7 @@ def test_loss_curves_plot_steps_as_numbers_on_an_integer_axis(tmp_path, drawn):
         train=[{"step": s, "loss": 5 - s / 100, "accuracy": 0.1} for s in range(10, 610, 10)],
         val=[{"step": s, "val_loss_sampled": 5 - s / 120} for s in range(100, 700, 100)],
     )
-    history.write(tmp_path)  # the CSV files evaluate reads back
+    history.write(tmp_path / "train_log.csv", tmp_path / "val_log.csv")  # the CSV files evaluate reads back
     figures.loss_curves(
         _read_csv(tmp_path / "train_log.csv"), _read_csv(tmp_path / "val_log.csv"), 3.4, tmp_path / "loss.png"
     )

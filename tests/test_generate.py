@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from deepseek.config import ModelConfig
-from deepseek.generate import generate, sample_next
+from deepseek.generate import generate
 from deepseek.model import DeepSeekLM
+from deepseek.sampling import sample_next
 
 from conftest import randomized
 

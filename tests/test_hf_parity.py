@@ -2,12 +2,13 @@
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedModel
 
 from deepseek.config import ModelConfig
 from deepseek.errors import UserError
@@ -19,7 +20,7 @@ from stages.tokenizer import build_tokenizer
 from conftest import randomized
 from pipeline_utils import tiny_corpus
 
-CONFIGS = {
+CONFIGS: dict[str, dict[str, Any]] = {
     "q_lora+first_dense": dict(q_lora_rank=16, first_k_dense_layers=1, num_layers=3),
     "plain_q+all_moe+tied+2_shared": dict(
         q_lora_rank=0, first_k_dense_layers=0, tie_embeddings=True, num_shared_experts=2
@@ -222,7 +223,11 @@ def test_by_default_the_export_leaves_out_the_mtp_modules_and_loads_without_unex
     ours = randomized(DeepSeekLM(config)).eval()
     export_hf(ours, tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 0
-    theirs, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, output_loading_info=True)
+    # output_loading_info=True returns (model, info), though from_pretrained's annotation says a model
+    theirs, info = cast(
+        tuple[PreTrainedModel, dict[str, Any]],
+        AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, output_loading_info=True),
+    )
     assert not info["unexpected_keys"] and not info["missing_keys"], info
     ids = torch.randint(0, config.vocab_size, (2, 16))
     with torch.no_grad():

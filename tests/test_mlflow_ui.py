@@ -76,7 +76,8 @@ def create_runs(store_dir: Path, monkeypatch) -> None:
             run.log_metrics({"val.bits_per_character": bits}, step=len(losses))
             run.finish()
     finally:
-        mlflow.set_tracking_uri(None)  # Run.start set mlflow's process-wide URI; leave none behind
+        # Run.start set mlflow's process-wide URI; leave none behind (mlflow takes None though it says str | Path)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -5,14 +5,16 @@ import math
 import pytest
 import torch
 
-from deepseek.config import ModelConfig, TrainConfig
+from deepseek.config import ModelConfig
 from deepseek.errors import UserError
 from deepseek.evaluation import evaluate
 from deepseek.generate import generate
 from deepseek.layers import rope_tables
-from deepseek.model import DeepSeekLM
+from deepseek.model import DeepSeekLM, MultiTokenPrediction
 from deepseek.speculative import SpeculativeStats
-from deepseek.trainer import Trainer, TrainOutputs, training_loss
+from deepseek.train_config import TrainConfig
+from deepseek.train_step import training_loss
+from deepseek.trainer import Trainer, TrainOutputs
 
 from conftest import randomized
 
@@ -46,6 +48,7 @@ def reference_mtp_losses(model: DeepSeekLM, ids: torch.Tensor) -> list[float]:
     previous = model(inputs).hidden  # h^0: the normed final state the head reads
     losses = []
     for k, module in enumerate(model.mtp, start=1):
+        assert isinstance(module, MultiTokenPrediction)
         rows = []
         for i in range(seq - k):
             token = model.embed(inputs[:, i + k])
@@ -103,7 +106,7 @@ def test_mtp_moe_layers_count_loads_and_get_bias_updates(tmp_path):
         sample_interval=100,
         checkpoint_interval=100,
     )
-    trainer = Trainer(model, config, 0, TrainOutputs(tmp_path / "ck", tmp_path / "reports"))
+    trainer = Trainer(model, config, 0, TrainOutputs(tmp_path / "ck", tmp_path / "reports" / "train_log.csv"))
     trainer.fit(tokens, tokens)
     assert model.moe_layers()[1].gate.expert_bias.abs().sum() > 0
     row = trainer.history.train[-1]

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from deepseek.config import ModelConfig, TrainConfig
+from deepseek.config import ModelConfig
 from deepseek.model import DeepSeekLM
 from deepseek.muon import MuonWithAdamW, newton_schulz
-from deepseek.trainer import build_optimizer
+from deepseek.optim import build_optimizer
+from deepseek.train_config import TrainConfig
 
 LR, WEIGHT_DECAY, MOMENTUM = 0.02, 0.1, 0.95
 

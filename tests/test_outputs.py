@@ -171,7 +171,7 @@ def test_a_kill_while_rotating_checkpoints_never_leaves_half_a_checkpoint(tmp_pa
         next(p for p in Path(path).iterdir() if p.is_file()).unlink()
         raise SystemExit(137)
 
-    monkeypatch.setattr(files.shutil, "rmtree", killed_midway)
+    monkeypatch.setattr("deepseek.files.shutil.rmtree", killed_midway)
     with pytest.raises(SystemExit):
         save_checkpoint(directory, 3, model, {}, {"fingerprint": {}}, keep=2)
     monkeypatch.undo()
@@ -248,6 +248,7 @@ def test_a_second_training_on_the_same_folder_is_refused_and_a_dead_ones_lock_is
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert first.stdout is not None
     try:
         while not list_checkpoints(path / "model" / "checkpoints"):
             assert first.poll() is None, first.stdout.read()
@@ -285,13 +286,14 @@ def test_a_full_disk_is_one_line_naming_the_path_in_every_stage(tmp_path, monkey
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
-    for stage, written in [
+    cases: list[tuple[str, str | tuple[str, ...]]] = [
         ("prepare", "data/prepared"),
         ("tokenize", "data/tok"),
         ("train", ("model/", "reports/")),
         ("evaluate", "reports/"),
         ("sample", "reports/"),
-    ]:
+    ]
+    for stage, written in cases:
         line = one_line_error(CliRunner().invoke(main, [stage]))
         match = re.fullmatch(
             r"Error: no space left on the device writing (\S+): it needed more than [\d.,]+ MiB "

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from deepseek.checkpoint import checkpoint_path, find_resume_point
-from deepseek.config import ModelConfig, TrainConfig
+from deepseek.config import ModelConfig
 from deepseek.cpu import fast_bf16, native_bf16_units
+from deepseek.device import describe_precision, precision_reason, resolve_dtype
 from deepseek.evaluation import autocast
 from deepseek.model import DeepSeekLM
-from deepseek.trainer import Trainer, TrainOutputs, describe_precision, precision_reason, resolve_dtype
+from deepseek.train_config import TrainConfig
+from deepseek.trainer import Trainer, TrainOutputs
 
 from conftest import randomized
 
@@ -24,7 +27,7 @@ RUN = {"params": "tiny"}  # the resume fingerprint of these trainings
 
 
 def tiny_training(dtype: str, max_steps: int = 6, **overrides) -> TrainConfig:
-    settings = {
+    settings: dict[str, Any] = {
         "max_steps": max_steps,
         "micro_batch_size": 4,
         "grad_accum_steps": 2,
@@ -49,7 +52,7 @@ def corpus() -> np.ndarray:
 def trained(dtype: str, tmp_path, **overrides) -> Trainer:
     torch.manual_seed(0)
     model = DeepSeekLM(ModelConfig.from_preset("tiny", vocab_size=256))
-    outputs = TrainOutputs(tmp_path / "ck", tmp_path / "rep")
+    outputs = TrainOutputs(tmp_path / "ck")
     trainer = Trainer(model, tiny_training(dtype, **overrides), 0, outputs, checkpoint_info={"fingerprint": RUN})
     tokens = corpus()
     trainer.fit(tokens, tokens)
@@ -66,7 +69,7 @@ def test_bf16_training_keeps_float32_master_weights_and_optimizer_state(tmp_path
     assert bf16.dtype == torch.bfloat16
     for name, param in bf16.model.named_parameters():
         assert param.dtype == torch.float32, name
-    for state in bf16.optimizer.state.values():
+    for state in bf16.train_step.optimizer.state.values():
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
     for moe in bf16.model.moe_layers():
         assert moe.gate.expert_bias.dtype == torch.float32
@@ -98,6 +101,7 @@ def test_one_autocast_over_the_micro_batches_gives_the_gradients_of_one_per_micr
                 (loss / 4).backward()
 
     for (name, expected), actual in zip(per_micro_batch.named_parameters(), per_step.parameters(), strict=True):
+        assert actual.grad is not None and expected.grad is not None, name
         assert actual.grad.dtype == torch.float32
         assert torch.equal(actual.grad, expected.grad), name
 
@@ -110,7 +114,7 @@ def test_a_bf16_checkpoint_resumes_bit_identically(tmp_path):
 
     torch.manual_seed(123)  # as a fresh process: other weights and RNG state, all replaced by the checkpoint
     model = DeepSeekLM(ModelConfig.from_preset("tiny", vocab_size=256))
-    outputs = TrainOutputs(tmp_path / "resumed" / "ck", tmp_path / "resumed" / "rep")
+    outputs = TrainOutputs(tmp_path / "resumed" / "ck")
     resumed = Trainer(model, straight.config, 0, outputs)
     resumed.resume(point)
     tokens = corpus()
@@ -120,15 +124,17 @@ def test_a_bf16_checkpoint_resumes_bit_identically(tmp_path):
         straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
         assert torch.equal(actual, expected), name
-    for group, other in zip(straight.optimizer.state.values(), resumed.optimizer.state.values(), strict=True):
+    for group, other in zip(
+        straight.train_step.optimizer.state.values(), resumed.train_step.optimizer.state.values(), strict=True
+    ):
         assert torch.equal(group["exp_avg"], other["exp_avg"]) and torch.equal(group["exp_avg_sq"], other["exp_avg_sq"])
     assert losses(resumed) == losses(straight)  # the logged curve too, the window across the resume included
 
 
 def test_auto_precision_is_bf16_exactly_on_cpus_with_native_bf16(monkeypatch):
-    monkeypatch.setattr("deepseek.trainer.fast_bf16", lambda: True)
+    monkeypatch.setattr("deepseek.device.fast_bf16", lambda: True)
     assert resolve_dtype("auto", CPU) == torch.bfloat16
-    monkeypatch.setattr("deepseek.trainer.fast_bf16", lambda: False)
+    monkeypatch.setattr("deepseek.device.fast_bf16", lambda: False)
     assert resolve_dtype("auto", CPU) == torch.float32
     assert resolve_dtype("float32", CPU) == torch.float32  # an explicit choice wins everywhere
     assert describe_precision(torch.float32) == "float32"
@@ -136,11 +142,11 @@ def test_auto_precision_is_bf16_exactly_on_cpus_with_native_bf16(monkeypatch):
 
 
 def test_the_precision_reason_names_the_setting_or_the_cpu_units_auto_saw(monkeypatch):
-    monkeypatch.setattr("deepseek.trainer.native_bf16_units", lambda: ["AMX-BF16", "AVX512-BF16"])
+    monkeypatch.setattr("deepseek.device.native_bf16_units", lambda: ["AMX-BF16", "AVX512-BF16"])
     assert (
         precision_reason("auto", CPU) == "train.dtype auto: this CPU multiplies bf16 natively (AMX-BF16, AVX512-BF16)"
     )
-    monkeypatch.setattr("deepseek.trainer.native_bf16_units", lambda: [])
+    monkeypatch.setattr("deepseek.device.native_bf16_units", lambda: [])
     assert precision_reason("auto", CPU).startswith("train.dtype auto: this CPU has no native bf16")
     assert precision_reason("bfloat16", CPU) == "train.dtype bfloat16"
 

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from deepseek.checkpoint import run_fingerprint
-from deepseek.config import ModelConfig, TrainConfig
+from deepseek.config import ModelConfig
+from deepseek.train_config import TrainConfig
 
 from pipeline_utils import ROOT, make_pipeline_repo, run
 from regression import (

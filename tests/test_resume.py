@@ -78,6 +78,7 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_its_code_then_resumes(
 ):
     path = stage_workspace(tmp_path, monkeypatch, **RESUME_PARAMS)
     stopped = kill_after(path, 6, sig)
+    assert stopped.stdout is not None
     output = stopped.stdout.read()
     assert stopped.returncode == exit_code, output
     assert f"Interrupted ({name}): stopped at step" in output
@@ -96,7 +97,7 @@ def make_checkpoints(path: Path, monkeypatch) -> list[Path]:
     return checkpoints
 
 
-def fingerprint_of(checkpoint: Path) -> str:
+def fingerprint_of(checkpoint: Path) -> dict[str, str]:
     return json.loads((checkpoint / "checkpoint.json").read_text())["fingerprint"]
 
 
@@ -107,7 +108,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, mo
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.warns(UserWarning, match="skipping checkpoint step_00000004: model.safetensors is truncated"):
         point = find_resume_point(latest.parent, fingerprint_of(latest))
-    assert point.path == older
+    assert point is not None and point.path == older
 
 
 class Payload:
@@ -135,7 +136,8 @@ def test_malicious_pickle_is_refused_everywhere_and_never_runs(tmp_path, monkeyp
     info["sha256"]["trainer_state.pt"] = hashlib.sha256((latest / "trainer_state.pt").read_bytes()).hexdigest()
     (latest / "checkpoint.json").write_text(json.dumps(info))
     with pytest.warns(UserWarning, match="refusing to load .*trainer_state.pt"):
-        assert find_resume_point(latest.parent, fingerprint_of(latest)).path == older
+        point = find_resume_point(latest.parent, fingerprint_of(latest))
+        assert point is not None and point.path == older
     # Every command that loads a model directory: the weights file is now a pickle.
     final = tmp_path / "ws" / "model" / "final"
     plant_pickle(final / "model.safetensors", marker)
@@ -157,9 +159,11 @@ def test_malicious_pickle_is_refused_everywhere_and_never_runs(tmp_path, monkeyp
 def test_non_finite_steps_are_skipped_and_too_many_stop_training(tmp_path):
     import numpy as np
 
-    from deepseek.config import ModelConfig, TrainConfig
+    from deepseek.config import ModelConfig
     from deepseek.model import DeepSeekLM
-    from deepseek.trainer import Trainer, TrainingStopped, TrainOutputs
+    from deepseek.stopping import TrainingStopped
+    from deepseek.train_config import TrainConfig
+    from deepseek.trainer import Trainer, TrainOutputs
 
     tokens = np.random.default_rng(0).integers(0, 65, 5000).astype(np.uint16)
     params = TrainConfig(
@@ -181,7 +185,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_training(tmp_path):
         return output * float("nan") if calls["n"] == 3 else output
 
     handle = model.head.register_forward_hook(poison_step_two)
-    Trainer(model, params, 0, TrainOutputs(tmp_path / "ck", tmp_path / "rep")).fit(tokens, tokens)
+    Trainer(model, params, 0, TrainOutputs(tmp_path / "ck", tmp_path / "rep" / "train_log.csv")).fit(tokens, tokens)
     handle.remove()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert len(list((tmp_path / "rep").glob("train_log.csv"))) == 1
@@ -191,7 +195,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_training(tmp_path):
         broken.norm.weight.fill_(float("nan"))
     before = {k: v.clone() for k, v in broken.state_dict().items()}
     with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss") as stopped:
-        Trainer(broken, params, 0, TrainOutputs(tmp_path / "ck2", tmp_path / "rep2")).fit(tokens, tokens)
+        Trainer(broken, params, 0, TrainOutputs(tmp_path / "ck2")).fit(tokens, tokens)
     assert stopped.value.exit_code == 1
     assert [c.name for c in list_checkpoints(tmp_path / "ck2")] == ["step_00000003"]
     for name, value in broken.state_dict().items():  # never trained on NaN: nothing moved
@@ -203,9 +207,11 @@ def test_a_run_stopped_for_non_finite_steps_never_ends_as_a_success(tmp_path):
     """Rerunning to resume continues the streak; a run whose last steps were skipped does not succeed either."""
     import numpy as np
 
-    from deepseek.config import ModelConfig, TrainConfig
+    from deepseek.config import ModelConfig
     from deepseek.model import DeepSeekLM
-    from deepseek.trainer import Trainer, TrainingStopped, TrainOutputs
+    from deepseek.stopping import TrainingStopped
+    from deepseek.train_config import TrainConfig
+    from deepseek.trainer import Trainer, TrainOutputs
 
     tokens = np.random.default_rng(0).integers(0, 65, 5000).astype(np.uint16)
     params = TrainConfig(
@@ -228,13 +234,15 @@ def test_a_run_stopped_for_non_finite_steps_never_ends_as_a_success(tmp_path):
         return model
 
     def trainer(config: TrainConfig) -> Trainer:
-        outputs = TrainOutputs(tmp_path / "ck", tmp_path / "rep")
+        outputs = TrainOutputs(tmp_path / "ck")
         return Trainer(diverged(), config, 0, outputs, checkpoint_info={"fingerprint": fingerprint})
 
     with pytest.raises(TrainingStopped, match="3 steps in a row"):
         trainer(params).fit(tokens, tokens)
     resumed = trainer(params)
-    resumed.resume(find_resume_point(tmp_path / "ck", fingerprint))
+    point = find_resume_point(tmp_path / "ck", fingerprint)
+    assert point is not None
+    resumed.resume(point)
     with pytest.raises(TrainingStopped, match=r"4 steps in a row had a non-finite .* the last") as stopped:
         resumed.fit(tokens, tokens)  # one step left: it is skipped too, and the streak did not restart at 0
     assert stopped.value.exit_code == 1
@@ -254,7 +262,7 @@ def test_resume_survives_bookkeeping_changes_and_sets_other_params_aside(tmp_pat
     kill_after(path, 4)
     set_params(path, train={"log_interval": 5, "eval_interval": 15, "checkpoint_interval": 3, "keep_checkpoints": 3})
     resumed = kill_after(path, 9)
-    assert "resuming from" in resumed.stdout.read()
+    assert resumed.stdout is not None and "resuming from" in resumed.stdout.read()
     kept = {c.name for c in list_checkpoints(path / "model" / "checkpoints")}
     set_params(path, train={"lr": 1e-3})
     output = finish(path)

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from deepseek.config import TrainConfig
-from deepseek.trainer import lr_multiplier
+from deepseek.optim import lr_multiplier
+from deepseek.train_config import TrainConfig
 
 CONFIG = TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import statistics
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -19,7 +20,7 @@ from stages.tracking import EXPERIMENT
 
 from pipeline_utils import make_pipeline_repo, run
 
-TINY_STUDY = {
+TINY_STUDY: dict[str, Any] = {
     "title": "Two learning rates",
     "description": "What a faster learning rate does in four steps.",
     "params": {"train.max_steps": 4, "mlflow.register_model": False},
@@ -40,6 +41,7 @@ def write_study(directory: Path, name: str = "tiny", **changes) -> Path:
 def study_runs(repo: Path, name: str) -> list:
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
     return client.search_runs([experiment.experiment_id], f"tags.study = '{name}'")
 
 
@@ -149,8 +151,8 @@ def test_a_trial_is_complete_only_with_its_params_and_every_metric(tmp_path, mon
         created = client.create_run(experiment, tags={"study": "tiny", "study.cell": cell})
         for key, value in params.items():
             client.log_param(created.info.run_id, key, value)
-        for key, value in metrics.items():
-            client.log_metric(created.info.run_id, key, value)
+        for key, number in metrics.items():
+            client.log_metric(created.info.run_id, key, number)
         client.set_terminated(created.info.run_id)
         return created.info.run_id
 

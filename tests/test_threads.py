@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from deepseek.config import ModelConfig, TrainConfig
+from deepseek.config import ModelConfig
 from deepseek.cpu import CoreShare, CpuTimes, ForeignLoad
+from deepseek.device import configure_host
 from deepseek.model import DeepSeekLM
+from deepseek.train_config import TrainConfig
 from deepseek.trainer import Trainer, TrainOutputs
 
 HOLD = """
@@ -30,6 +32,7 @@ with CoreShare(Path(sys.argv[1])):
 def other_training(directory) -> subprocess.Popen:
     """A process registered as a training in directory, until it is killed."""
     process = subprocess.Popen([sys.executable, "-c", HOLD, str(directory)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
     assert process.stdout.readline().strip() == "registered"
     return process
 
@@ -116,7 +119,7 @@ class ThreadsSeen:
 def test_the_trainer_sizes_its_thread_pool_and_restores_it(tmp_path, monkeypatch, threads):
     before = torch.get_num_threads()
     quiet = functools.partial(CoreShare, load=load_of([0.0] * 10))  # no other program, whatever else runs now
-    monkeypatch.setattr("deepseek.trainer.CoreShare", quiet)
+    monkeypatch.setattr("deepseek.device.CoreShare", quiet)
     tokens = np.random.default_rng(0).integers(0, 65, 3000).astype(np.uint16)
     config = TrainConfig(
         max_steps=2,
@@ -135,11 +138,16 @@ def test_the_trainer_sizes_its_thread_pool_and_restores_it(tmp_path, monkeypatch
         DeepSeekLM(ModelConfig.from_preset("tiny")),
         config,
         0,
-        TrainOutputs(tmp_path / "c", tmp_path / "r"),
+        TrainOutputs(tmp_path / "c"),
         sinks=[seen],
+        core_share=configure_host(torch.device("cpu"), threads),  # what the train stage does
     )
     trainer.fit(tokens, tokens)
     # threads 0 and no other training registered: this one has every core the process may use
-    expected = threads or trainer.core_share.cores
+    if threads:
+        expected = threads
+    else:
+        assert trainer.core_share is not None  # threads 0 on CPU: the trainer shares the cores
+        expected = trainer.core_share.cores
     assert seen.threads and set(seen.threads) == {expected}
     assert torch.get_num_threads() == before

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 import stages.tokenizer as tk
 from deepseek.errors import UserError
@@ -46,12 +46,12 @@ def write_params(path: Path, **tokenizer: object) -> Path:
     return path
 
 
-def run_stage(tmp_path: Path, params: TokenizerParams, train: str, val: str) -> dict:
+def run_stage(tmp_path: Path, params: TokenizerParams, train: str, val: str) -> tk.TokensMeta:
     prepared = write_prepared(tmp_path / "prepared", train, val)
     return tk.tokenize_corpus(params, prepared, tmp_path / "tokenizer", tmp_path / "tokens")
 
 
-def ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+def ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
@@ -68,7 +68,7 @@ def bpe(bpe_text: str) -> PreTrainedTokenizerFast:
 def test_char_vocab_comes_from_train_only_and_round_trips():
     tokenizer = tk.build_tokenizer(TokenizerParams(kind="char"), CHAR_TRAIN)
     vocab = tokenizer.get_vocab()
-    assert sorted(vocab, key=vocab.get) == [*sorted(set(CHAR_TRAIN)), tk.UNK]
+    assert sorted(vocab, key=vocab.__getitem__) == [*sorted(set(CHAR_TRAIN)), tk.UNK]
     assert len(tokenizer) == len(set(CHAR_TRAIN)) + 1
     encoded = ids(tokenizer, CHAR_TRAIN)
     assert len(encoded) == len(CHAR_TRAIN)

@@ -28,6 +28,7 @@ def store(repo: Path) -> mlflow.MlflowClient:
 def test_all_five_runs_land_in_one_store(tracked_repo):
     client = store(tracked_repo)
     experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
     assert experiment.artifact_location == (tracked_repo / "mlartifacts").as_uri()
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 5
@@ -50,7 +51,9 @@ def test_all_five_runs_land_in_one_store(tracked_repo):
         assert not any(key.startswith(("data.", "model.parameters.")) for key in r.data.metrics)
         assert int(r.data.tags["model.parameters.total"]) > 0
         assert r.data.tags["train.precision_reason"].startswith("train.dtype")  # what auto saw, or the setting
+        assert r.inputs is not None
         (dataset,) = [d.dataset for d in r.inputs.dataset_inputs]
+        assert dataset.profile is not None
         assert dataset.name == "shakespeare" and json.loads(dataset.profile)["characters"] > 0
         assert {"git_commit", "git_dirty", "data_sha256", "dvc_exp_name", "dvc_baseline_rev"} <= set(r.data.tags)
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
@@ -84,6 +87,7 @@ def test_checkpoint_artifact_is_the_dvc_tracked_file(tracked_repo, tmp_path):
 def test_registered_model_loads_back_to_the_same_logits(tracked_repo, tmp_path):
     client = store(tracked_repo)
     version = client.get_model_version_by_alias("deepseek-repro", "candidate")
+    assert version.run_id is not None
     assert int(version.version) == 5  # one version per run; the alias is on the newest
     pyfunc = mlflow.pyfunc.load_model("models:/deepseek-repro@candidate")
     ids = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]

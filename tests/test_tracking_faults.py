@@ -102,10 +102,11 @@ def test_runs_of_trainings_that_died_are_closed_as_killed(tmp_path, monkeypatch)
     assert client.get_run(abandoned).info.status == "RUNNING"
     try:
         current = Run.start({"train": {"lr": 1e-3}}, {})
+        assert current.run_id is not None
         assert client.get_run(abandoned).info.status == "KILLED"
         assert client.get_run(current.run_id).info.status == "RUNNING"  # a live one is left alone
         current.finish()
         assert client.get_run(current.run_id).info.status == "FINISHED"
         assert client.get_experiment_by_name(EXPERIMENT) is not None
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: the default; mlflow takes it though it says str | Path

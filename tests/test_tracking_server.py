@@ -212,11 +212,13 @@ def test_pipeline_completes_when_the_tracking_server_dies_mid_training(tmp_path,
         errors="replace",
         start_new_session=True,
     )
+    merged = process.stdout
+    assert merged is not None
     lines: list[str] = []
     done_reading = threading.Event()
 
     def read() -> None:
-        for line in process.stdout:
+        for line in merged:
             lines.append(line)
         done_reading.set()
 

@@ -51,6 +51,7 @@ def newest_step(path: Path) -> int:
 def kill_after(path: Path, step: int, sig: int = signal.SIGKILL, processes: int = 1) -> subprocess.Popen:
     """Start training and send sig to all of it once the checkpoint of `step` (or a later one) exists."""
     process = train_process(path, processes)
+    assert process.stdout is not None  # a pipe: train_process merges stderr into it
     deadline = time.monotonic() + 120
     while newest_step(path) < step:
         assert process.poll() is None, f"training ended before step {step}:\n{process.stdout.read()}"
