@@ -5,6 +5,8 @@ import pytest
 from deepseek.config import PRESETS, ModelConfig
 from deepseek.model import DeepSeekLM
 
+from test_parameter_counts import expected_counts
+
 
 @pytest.mark.parametrize(
     "changes, field",
@@ -55,4 +57,4 @@ def test_every_preset_builds_on_meta(name):
 
     with torch.device("meta"):
         model = DeepSeekLM(ModelConfig.from_preset(name))
-    assert model.parameter_counts()["total"] > 0
+    assert model.parameter_counts() == expected_counts(model.config)  # the counts written out from the formulas
