@@ -94,7 +94,6 @@ class Trainer:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model = model.to(self.device).train()
         self.train_step = TrainStep(self.model, config, self.device, self.dtype)
-        self.sharded = self.train_step.sharded
         self.window = LossWindow(self.device, model.config.mtp_depth)
         self.history = History()
         self.clock = ThroughputClock()
@@ -105,6 +104,11 @@ class Trainer:
         self._resumed_from: Path | None = None
         self._resume_rng: torch.Tensor | None = None
         self._say: Callable[[str], None] = print
+
+    @property
+    def sharded(self) -> bool:
+        """Training under FSDP2 (train.parallel fsdp, several processes)."""
+        return self.train_step.sharded
 
     # --- state ------------------------------------------------------------------------------------------------
 
