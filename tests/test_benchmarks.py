@@ -84,19 +84,6 @@ def test_train_throughput_reports_both_implementations_in_both_precisions(run):
     assert best["ours best / ours float32"] == pytest.approx(fastest["ours tok/s"] / fp32)
 
 
-@pytest.mark.slow  # compiles both models: about a minute on two cores
-def test_train_throughput_compiles_both_models(run):
-    """bf16, where the whole model compiles into one graph (fp32 compiling is covered by tests/test_compile.py)."""
-    _, data = run(
-        "train_throughput",
-        *("--preset", "tiny", "--precision", "bfloat16", "--batch-size", "2", "--seq-len", "16"),
-        *("--steps", "1", "--warmup", "1", "--compile"),
-    )
-    [result] = data["train_throughput"]
-    assert result["precision"] == "bfloat16"
-    assert result["ours tok/s"] > 0 and result["transformers tok/s"] > 0
-
-
 def test_generation_reports_every_variant_and_the_cache_sizes(run):
     from benchmarks.generation import CACHE_COLUMNS, COLUMNS, VARIANTS
 
