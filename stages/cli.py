@@ -18,7 +18,7 @@ from stages.prepare import prepare
 from stages.report import report
 from stages.sample import sample
 from stages.study import study
-from stages.tokenize import tokenize
+from stages.tokenization import tokenize
 from stages.train import train
 
 

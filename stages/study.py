@@ -1,5 +1,5 @@
 """`deepseek study run` and `deepseek study report`: a study's trials as queued DVC experiments, and its report
-from what MLflow holds (stages/studies.py defines studies and trials)."""
+from what MLflow holds (stages/study_design.py defines studies and trials)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import click
 from deepseek.errors import UserError
 from deepseek.files import write_text
 from stages.options import report_user_errors
-from stages.studies import (
+from stages.study_design import (
     MetricValues,
     Study,
     Trial,

@@ -38,7 +38,7 @@ TOKENIZER_KIND = DirectoryKind(
     TOKENIZER_FILE,
 )
 TOKENS_KIND = DirectoryKind("deepseek tokenize (tokens)", frozenset({"train.bin", "val.bin", META_FILE}), META_FILE)
-RERUN = "run the tokenize stage first (python -m stages.tokenize)"
+RERUN = "run the tokenize stage first (python -m stages.tokenization)"
 
 
 class TokensMeta(TypedDict):

@@ -47,9 +47,9 @@ from deepseek.train_metrics import FitMetrics
 from deepseek.trainer import Trainer, TrainOutputs
 from deepseek.versions import warn_if_different
 from stages import environment, tracking
-from stages.code import code_version
 from stages.options import TRAIN_LOG, VAL_LOG
 from stages.params import DataParams, Params, SampleParams, load_params
+from stages.stage_code import code_version
 from stages.tokenizer import load_meta, load_tokenizer, load_tokens
 
 
@@ -71,7 +71,7 @@ def run_training(
     device = resolve_device(params.train.device)
     precision = describe_precision(resolve_dtype(params.train.dtype, device))
     _announce(params, counts, precision, device)
-    # What the trained weights depend on; a checkpoint resumes only onto the same (stages/code.py: "code").
+    # What the trained weights depend on; a checkpoint resumes only onto the same (stages/stage_code.py: "code").
     fingerprint = {
         "params": run_fingerprint(config.to_dict(), params.train.optimisation(), params.seed),
         "data": run_fingerprint(meta, stats.get("sha256")),

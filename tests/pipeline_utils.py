@@ -144,7 +144,7 @@ def stage_workspace(path: Path, monkeypatch, **train) -> Path:
     from click.testing import CliRunner
 
     from stages.prepare import prepare
-    from stages.tokenize import tokenize
+    from stages.tokenization import tokenize
 
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "params.yaml", path / "params.yaml")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.code import code_version, stage_code
+from stages.stage_code import code_version, stage_code
 
 from pipeline_utils import ROOT
 

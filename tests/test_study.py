@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from deepseek.errors import UserError
-from stages import studies
+from stages import study_design
 from stages.cli import main
 from stages.study import BEGIN, END
 from stages.tracking import EXPERIMENT
@@ -119,12 +119,12 @@ def test_the_report_keeps_what_was_written_around_its_table(tmp_path):
 def test_a_bad_study_file_is_refused_before_anything_runs(tmp_path, monkeypatch, changes, message):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the project's params.yaml
     with pytest.raises(UserError, match=re.escape(message)):
-        studies.load_study(write_study(tmp_path, **changes))
+        study_design.load_study(write_study(tmp_path, **changes))
 
 
 def test_trials_are_every_cell_with_every_seed_tagged_with_the_study(tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    study = studies.load_study(write_study(tmp_path, seeds=[1, 2]))
+    study = study_design.load_study(write_study(tmp_path, seeds=[1, 2]))
     trials = study.trials()
     assert [t.name for t in trials] == ["tiny-fast-s1", "tiny-fast-s2", "tiny-slow-s1", "tiny-slow-s2"]
     assert trials[1].params == {
@@ -143,7 +143,7 @@ def test_a_trial_is_complete_only_with_its_params_and_every_metric(tmp_path, mon
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # where the study commands look
-    study = studies.load_study(write_study(tmp_path))
+    study = study_design.load_study(write_study(tmp_path))
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
 
@@ -162,7 +162,7 @@ def test_a_trial_is_complete_only_with_its_params_and_every_metric(tmp_path, mon
     logged_run("fast", fast | {"train.max_steps": "8"}, both)  # newer, but of other params
     logged_run("slow", fast | {"train.lr": "0.001"}, {"loss": 3.0})  # trained, not evaluated
 
-    found = studies.complete_runs(study, studies.runs_of(study))
+    found = study_design.complete_runs(study, study_design.runs_of(study))
     assert {trial.name: r.info.run_id for trial, r in found.items()} == {"tiny-fast-s1": complete}
 
 
@@ -175,7 +175,7 @@ def test_the_report_says_which_differences_the_seeds_establish(tmp_path, monkeyp
     cells = {"base": {"train.lr": 3.0e-3}, "near": {"train.lr": 2.0e-3}, "far": {"train.lr": 1.0e-3}}
     cells["alone"] = {"train.lr": 5.0e-4}
     path = write_study(tmp_path / "studies", cells=cells, seeds=[1, 2, 3], reference="base", curves=[])
-    study = studies.load_study(path)
+    study = study_design.load_study(path)
     bits = {"base": [2.50, 2.52, 2.48], "near": [2.51, 2.49, 2.53], "far": [2.30, 2.31, 2.29], "alone": [2.4]}
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
@@ -185,7 +185,7 @@ def test_the_report_says_which_differences_the_seeds_establish(tmp_path, monkeyp
         created = client.create_run(experiment, tags={"study": "tiny", "study.cell": trial.cell, "env.torch": "2.13.0"})
         run_id = created.info.run_id
         for key, value in trial.params.items():
-            client.log_param(run_id, key, studies.param_text(value))
+            client.log_param(run_id, key, study_design.param_text(value))
         client.log_metric(run_id, "val.bits_per_character", bits[trial.cell][trial.seed - 1])
         client.log_metric(run_id, "val.max_vio", 0.3)
         client.set_terminated(run_id)

@@ -17,7 +17,7 @@ import stages.tokenizer as tk
 from deepseek.errors import UserError
 from stages import data
 from stages.params import TokenizerParams
-from stages.tokenize import tokenize
+from stages.tokenization import tokenize
 
 from pipeline_utils import REAL_CORPUS
 
