@@ -77,10 +77,10 @@ def wait_for_queue(repo: Path, timeout_s: float = 900) -> str:
 
 @pytest.fixture(scope="session")
 def tracked_repo(tmp_path_factory) -> Path:
-    """A tiny project as a team member has it: dvc repro committed, one dvc exp run (lr-3e-5), and three queued
-    experiments run two at a time, as the README shows them (exponent learning rates, and a model field set with
-    -S from the committed params); a DVC remote; the workspace back on the baseline's outputs. Shared by the
-    tracking tests and the DVC-remote test, which pushes it."""
+    """A tiny project as a team member has it: dvc repro committed, one dvc exp run (lr-3e-5, its learning rates
+    written with exponents), and two queued experiments run at once, as the README shows them (a learning rate,
+    and a model field set with -S from the committed params); a DVC remote; the workspace back on the baseline's
+    outputs. Shared by the tracking tests and the DVC-remote test, which pushes it."""
     repo = make_pipeline_repo(tmp_path_factory.mktemp("tracked"))
     # The team's DVC remote, committed before the runs, as docs/team.md advises: `dvc exp push` sends an
     # experiment's outputs to the remote its own commit names.
@@ -90,12 +90,11 @@ def tracked_repo(tmp_path_factory) -> Path:
     run(["git", "commit", "-qm", "baseline results"], repo)
     run(["dvc", "exp", "run", "-n", "lr-3e-5", "-S", "train.lr=3e-5", "-S", "train.min_lr=3e-6"], repo)
     run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo)  # queue from the committed params
-    for lr in ("0.001", "0.0015"):
-        run(["dvc", "exp", "run", "--queue", "-n", f"queued-{lr}", "-S", f"train.lr={lr}"], repo)
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-0.001", "-S", "train.lr=0.001"], repo)
     run(["dvc", "exp", "run", "--queue", "-n", "layers-3", "-S", "model.num_layers=3"], repo)
     run(["dvc", "queue", "start", "-j", "2"], repo)
     status = wait_for_queue(repo)
-    assert status.count("Success") == 3, status
+    assert status.count("Success") == 2, status
     run(["dvc", "queue", "stop"], repo, check=False)
     run(["git", "checkout", "-q", "--", "."], repo)  # back to the baseline's outputs
     run(["dvc", "checkout", "-q"], repo)

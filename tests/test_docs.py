@@ -331,15 +331,21 @@ def test_every_documented_command_runs(tmp_path):
         "cells: {base: {}}\nseeds: [1]\nmetrics: {val.bits_per_character: bits/char}\ncurves: [loss]\n"
     )
     runner = DocRunner(repo, tmp_path / "home", standin, tiny_study)
-    ran = 0
+    seconds: list[tuple[float, str]] = []  # each command's, with its page, in the order run
     for path in DOC_FILES:
         for command in shell_commands(path):
             if command.code not in RUN_BY_CI:
+                start = time.monotonic()
                 runner.run(command)
-                ran += 1
+                seconds.append((time.monotonic() - start, f"{path.name}: {command.code}"))
         if python_snippets(path):
+            start = time.monotonic()
             runner.run_python(path)
-    assert ran >= 20
+            seconds.append((time.monotonic() - start, f"{path.name}: its Python"))
+    assert len(seconds) >= 20
+    # Where this test's time goes, the slowest first (`pytest -rP` shows it): the place to look when it grows.
+    for took, name in sorted(seconds, reverse=True)[:20]:
+        print(f"{took:6.1f} s  {name}")
 
 
 def test_the_runner_sees_every_command_of_the_readme():
