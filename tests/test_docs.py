@@ -2,9 +2,10 @@
 benchmarks/README.md runs here, in a tiny copy of the project, so a documented command cannot break silently.
 
 Commands CI runs itself are not run again here: the README's install and test commands, which must appear
-verbatim in .ci/run, and any other documented command that is a line of .ci/run (the lint line). Commands that
-train run with tiny settings: the tiny repository's params, plus the adjustments in TINY below, each named with
-its reason.
+verbatim in .ci/run, and any other documented command that is a line of .ci/run (the lint line); nor is a
+benchmark measurement that another page shows too (with or without `--json PATH`). Commands that train run with
+tiny settings: the tiny repository's params, plus the adjustments of DocRunner.tiny, each named with its reason.
+A benchmark's printed tables are checked, and `dvc exp show`'s columns.
 """
 
 from __future__ import annotations
