@@ -1,8 +1,10 @@
 import contextlib
+import fcntl
 import os
 import signal
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,71 @@ from deepseek.config import ModelConfig
 from deepseek.model import DeepSeekLM
 
 from pipeline_utils import make_pipeline_repo, run
+
+# --- parallel workers (pytest-xdist, `-n` in pyproject.toml) -----------------------------------------------------
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... in a worker; None in a run without workers
+if WORKER is not None:
+    # Each worker, and every program its tests start, runs one thread: OpenMP threads that wait on a core another
+    # worker holds crawl (docs/benchmarks.md). Trainings size their own pools (the tiny params say 1).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+# Tests that share a module's expensive fixture, or go on from each other's state, run on one worker, in order:
+# their modules by the unit of work they form. The others go one by one to whichever worker is free.
+SAME_WORKER = {
+    "test_tracking.py": "tracked_repo",  # conftest.tracked_repo, built once
+    "test_dvc_remote.py": "tracked_repo",
+    "test_pipeline.py": "test_pipeline.py",  # each test goes on from the repository the one before left
+    "test_environment.py": "test_environment.py",  # one training for the module
+    "test_tracking_server.py": "test_tracking_server.py",  # one PostgreSQL for the module
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's load scheduling, but SAME_WORKER's modules as units (its loadgroup marks need pytest < 9)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return SAME_WORKER.get(Path(nodeid.split("::")[0]).name, nodeid)
+
+    return SharedFixtureScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, so that no worker starts a long one when the others have finished; SAME_WORKER's modules
+    among them, in their own order."""
+    items.sort(key=lambda item: not (item.get_closest_marker("slow") or item.path.name in SAME_WORKER))
+
+
+@contextlib.contextmanager
+def machine_turn(alone: bool) -> Iterator[None]:
+    """A test's turn on the machine: shared with the other workers' tests, or, for a test marked `alone` (one that
+    times something or counts the machine's busy cores), the whole machine.
+
+    A readers-writer lock on two files that every worker of this run opens: `room`, held shared by each running
+    test and exclusively by a test alone, and `turnstile`, which a test alone holds while it waits for the room to
+    empty, so that no new test goes in meanwhile."""
+    directory = Path(tempfile.gettempdir()) / f"pytest-turns-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
+    directory.mkdir(exist_ok=True)
+    with open(directory / "turnstile", "a") as turnstile, open(directory / "room", "a") as room:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield  # the kernel drops both locks when the files close
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """Each test, its fixtures' setup and teardown included, runs in its turn (machine_turn)."""
+    if WORKER is None:
+        return (yield)
+    with machine_turn(alone=item.get_closest_marker("alone") is not None):
+        return (yield)
 
 
 def randomized(model: DeepSeekLM, seed: int = 0) -> DeepSeekLM:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -10,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,9 @@ TINY_PARAMS: dict[str, dict[str, Any]] = {
         "sample_interval": 6,
         "checkpoint_interval": 3,
         "keep_checkpoints": 2,
+        # Fixed, so that a tiny training gives the same numbers beside the other test workers' work; the shared
+        # default (0) has tests of its own (test_threads.py).
+        "threads": 1,
     },
     "evaluate": {"batch_size": 32},
     "sample": {"max_new_tokens": 12},
@@ -132,11 +137,39 @@ def set_params(repo: Path, **changes: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Each Markdown table in text as rows of cells, header first, the header rule under it left out; a table
+    without one fails (an AssertionError), since Markdown would not show it as a table."""
+    tables = []
+    for block in re.findall(r"(?:^\|.*\|$\n?)+", text, re.MULTILINE):
+        lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in block.splitlines()]
+        assert len(lines) >= 2 and all(cell and set(cell) <= set("-:") for cell in lines[1]), f"no rule:\n{block}"
+        tables.append([lines[0], *lines[2:]])
+    return tables
+
+
 def free_port() -> int:
     """A local port that nothing listens on (until someone binds it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def built_once(tmp_path_factory: Any, name: str, build: Callable[[Path], None]) -> Path:
+    """A directory of this test run that build(directory) filled, the first time a test of any worker asked for it;
+    the others wait for it. It lies where every pytest-xdist worker of the run sees it: the parent of each
+    worker's own temporary directory."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    directory, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # what a worker that failed to build it left
+            directory.mkdir()
+            build(directory)
+            done.touch()
+    return directory
 
 
 @functools.cache

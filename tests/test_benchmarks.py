@@ -15,7 +15,7 @@ from stages.params import TokenizerParams
 from stages.tokenizer import build_tokenizer
 
 from conftest import randomized
-from pipeline_utils import ROOT, tiny_corpus
+from pipeline_utils import ROOT, markdown_tables, tiny_corpus
 
 
 @pytest.fixture
@@ -39,20 +39,6 @@ def run(command, tmp_path):
         return markdown_tables(result.stdout), json.loads(out.read_text())["tables"]
 
     return invoke
-
-
-def markdown_tables(text: str) -> list[list[list[str]]]:
-    """Each Markdown table in text as rows of cells, header first, the alignment rule left out."""
-    tables, current = [], []
-    for line in [*text.splitlines(), ""]:
-        if line.startswith("|"):
-            cells = [cell.strip() for cell in line.strip("|").split("|")]
-            if not all(set(cell) <= set("-:") for cell in cells):
-                current.append(cells)
-        elif current:
-            tables.append(current)
-            current = []
-    return tables
 
 
 def number(cell: str) -> float:

@@ -67,6 +67,7 @@ def test_table_names_metric_baseline_now_tolerance_verdict():
     assert table.splitlines()[2] == "| bits_per_character | 2.0000 | 2.5000 | <= 2.0200 (+0.02) | FAIL |"
 
 
+@pytest.mark.alone  # times two steps against each other
 def test_the_precision_check_fails_when_the_picked_precision_trains_slower():
     config, train = ModelConfig.from_preset("tiny"), TrainConfig(micro_batch_size=2, seq_len=16)
     ids = torch.randint(0, config.vocab_size, (2, 17))
@@ -89,6 +90,7 @@ def test_the_precision_check_fails_when_the_picked_precision_trains_slower():
     assert precision_row(torch.bfloat16, torch.float32, spread, min_speedup=spread.median).ok
 
 
+@pytest.mark.alone  # times sleeps
 def test_the_timing_stops_early_only_when_far_from_the_threshold():
     settled = far_from(0.95)  # 10 rounds all beyond 0.95 x 1.5 or 0.95 / 1.5
     assert not settled([2.0] * 9) and settled([2.0] * 10) and settled([0.5] * 10)

@@ -90,6 +90,7 @@ def test_cores_busy_with_other_programs_are_left_to_them_and_taken_back_when_fre
         other.wait()
 
 
+@pytest.mark.alone  # counts the busy cores
 def test_foreign_load_sees_a_busy_process_and_not_this_one():
     load = ForeignLoad()
     end = time.monotonic() + 0.5
@@ -115,6 +116,7 @@ class ThreadsSeen:
         self.threads.append(torch.get_num_threads())
 
 
+@pytest.mark.alone  # no other training registered
 @pytest.mark.parametrize("threads", [1, 0])
 def test_the_trainer_sizes_its_thread_pool_and_restores_it(tmp_path, monkeypatch, threads):
     before = torch.get_num_threads()
