@@ -1,5 +1,4 @@
 import contextlib
-import fcntl
 import os
 import signal
 import tempfile
@@ -14,6 +13,7 @@ from deepseek.config import ModelConfig
 from deepseek.model import DeepSeekLM
 
 from pipeline_utils import make_pipeline_repo, run
+from workers import machine_turn
 
 # --- parallel workers (pytest-xdist, `-n` in pyproject.toml) -----------------------------------------------------
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... in a worker; None in a run without workers
@@ -55,29 +55,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: not (item.get_closest_marker("slow") or item.path.name in SAME_WORKER))
 
 
-@contextlib.contextmanager
-def machine_turn(alone: bool) -> Iterator[None]:
-    """A test's turn on the machine: shared with the other workers' tests, or, for a test marked `alone` (one that
-    times something or counts the machine's busy cores), the whole machine.
-
-    A readers-writer lock on two files that every worker of this run opens: `room`, held shared by each running
-    test and exclusively by a test alone, and `turnstile`, which a test alone holds while it waits for the room to
-    empty, so that no new test goes in meanwhile."""
-    directory = Path(tempfile.gettempdir()) / f"pytest-turns-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
-    directory.mkdir(exist_ok=True)
-    with open(directory / "turnstile", "a") as turnstile, open(directory / "room", "a") as room:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
-        fcntl.flock(turnstile, fcntl.LOCK_UN)
-        yield  # the kernel drops both locks when the files close
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
     """Each test, its fixtures' setup and teardown included, runs in its turn (machine_turn)."""
     if WORKER is None:
         return (yield)
-    with machine_turn(alone=item.get_closest_marker("alone") is not None):
+    turns = Path(tempfile.gettempdir()) / f"pytest-turns-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
+    with machine_turn(turns, alone=item.get_closest_marker("alone") is not None):
         return (yield)
 
 

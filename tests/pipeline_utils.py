@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import os
@@ -11,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,23 +151,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def built_once(tmp_path_factory: Any, name: str, build: Callable[[Path], None]) -> Path:
-    """A directory of this test run that build(directory) filled, the first time a test of any worker asked for it;
-    the others wait for it. It lies where every pytest-xdist worker of the run sees it: the parent of each
-    worker's own temporary directory."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    directory, done = shared / name, shared / f"{name}.done"
-    with open(shared / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not done.exists():
-            shutil.rmtree(directory, ignore_errors=True)  # what a worker that failed to build it left
-            directory.mkdir()
-            build(directory)
-            done.touch()
-    return directory
 
 
 @functools.cache

@@ -28,7 +28,6 @@ from deepseek.model import DeepSeekLM
 
 from pipeline_utils import (
     ROOT,
-    built_once,
     free_port,
     make_pipeline_repo,
     markdown_tables,
@@ -37,6 +36,7 @@ from pipeline_utils import (
     tiny_corpus,
 )
 from pipeline_utils import run as git_run
+from workers import built_once, run_directory
 
 README = ROOT / "README.md"
 # In the order a reader meets them: the README first, then the pages.
@@ -354,7 +354,9 @@ class ReaderProject:
 @pytest.fixture(scope="session")
 def reader_project(tmp_path_factory) -> ReaderProject:
     """Built once for the test run, by the first worker to need it."""
-    return ReaderProject(built_once(tmp_path_factory, "reader-project", lambda path: ReaderProject(path).build()))
+    return ReaderProject(
+        built_once(run_directory(tmp_path_factory), "reader-project", lambda path: ReaderProject(path).build())
+    )
 
 
 def workspace(project: ReaderProject, path: Path, after_quickstart: bool) -> Path:
