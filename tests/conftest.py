@@ -13,10 +13,9 @@ from deepseek.config import ModelConfig
 from deepseek.model import DeepSeekLM
 
 from pipeline_utils import make_pipeline_repo, run
-from workers import machine_turn
+from workers import WORKER, machine_turn
 
 # --- parallel workers (pytest-xdist, `-n` in pyproject.toml) -----------------------------------------------------
-WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... in a worker; None in a run without workers
 if WORKER is not None:
     # Each worker, and every program its tests start, runs one thread: OpenMP threads that wait on a core another
     # worker holds crawl (docs/benchmarks.md). Trainings size their own pools (the tiny params say 1).

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... in a worker; None in a run without workers
+
 
 @contextlib.contextmanager
 def machine_turn(directory: Path, alone: bool) -> Iterator[None]:
@@ -32,7 +34,7 @@ def run_directory(tmp_path_factory: Any) -> Path:
     """The temporary directory of this test run that every pytest-xdist worker sees: the parent of each worker's
     own; without workers, the run's own."""
     base: Path = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return base.parent if WORKER is not None else base
 
 
 def built_once(shared: Path, name: str, build: Callable[[Path], None]) -> Path:
