@@ -4,8 +4,9 @@ hashes, as pip-tools' pip-compile resolves them (docs/environment.md).
     python .ci/lock.py refresh             # after a change to pyproject.toml's dependencies; --upgrade for newest
     python .ci/lock.py check               # CI: fails when pyproject.toml's dependencies changed since the lock
 
-torch stays out: the README's install command puts the CPU build of TORCH in first, and GPU users their own
-CUDA build instead, before the lock. The lock is resolved beside TORCH, so it holds torch's own dependencies.
+torch stays out: the README's install command puts the CPU build of TORCH in first (with UV, which installs the
+lock), and GPU users their own CUDA build instead, before the lock. The lock is resolved beside TORCH, so it holds
+torch's own dependencies.
 The lock's first line records the digest of the dependency ranges it was made from; `check` compares it.
 """
 
@@ -25,6 +26,7 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = "requirements.lock"
 TORCH = "torch==2.13.0"  # the CPU build: also in the README's install command (tests/test_lock.py checks)
+UV = "uv==0.13.9"  # installs the lock: in seconds where pip takes minutes (docs/environment.md)
 REFRESH = "python .ci/lock.py refresh"
 DIGEST_LINE = "# made from pyproject.toml's dependencies with sha256 "
 
