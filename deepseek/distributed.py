@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def init_from_env() -> None:
@@ -62,3 +67,17 @@ def all_ranks_agree(ok: torch.Tensor) -> bool:
     if active():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag)
+
+
+def imported_class(module: str, name: str) -> type | None:
+    """A class of module if the module has been imported, else None. torch.distributed's tensor and FSDP modules
+    take 1.6 s to import, which a training that does not shard would pay at start-up: code that only asks whether
+    something is sharded checks this way, since nothing is an instance of a class never imported."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name) if loaded is not None else None
+
+
+def is_dtensor(tensor: torch.Tensor) -> TypeGuard[DTensor]:
+    """Whether tensor is a DTensor: a shard of FSDP2's (deepseek/fsdp.py)."""
+    dtensor = imported_class("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(tensor, dtensor)

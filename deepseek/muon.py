@@ -27,7 +27,8 @@ import math
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate
+
+from deepseek import distributed
 
 MOMENTUM = 0.95  # Moonlight's and torch.optim.Muon's
 NS_STEPS = 5
@@ -57,8 +58,10 @@ def newton_schulz(matrices: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dt
 
 def orthogonalised(update: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """newton_schulz of update; an FSDP2-sharded update is gathered whole first and comes back sharded alike."""
-    if not isinstance(update, DTensor):
+    if not distributed.is_dtensor(update):
         return newton_schulz(update, dtype=dtype)
+    from torch.distributed.tensor import DTensor, Replicate  # imported already, since update is one
+
     mesh = update.device_mesh
     whole = newton_schulz(update.full_tensor(), dtype=dtype)
     replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
