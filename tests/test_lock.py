@@ -52,6 +52,6 @@ def test_every_pin_has_hashes_and_torch_is_left_to_the_install_command():
     assert {"transformers", "mlflow", "dvc", "pytest", "pip-tools"} <= names and "torch" not in names
     readme = (ROOT / "README.md").read_text()
     assert (
-        f'pip install "{lock.TORCH}" "{lock.UV}" && uv pip install --require-hashes -r {lock.LOCK} '
+        f'pip install "{lock.TORCH}" "{lock.UV}" && uv pip install --compile-bytecode --require-hashes -r {lock.LOCK} '
         "&& uv pip install --no-deps -e ." in readme
     )
