@@ -221,7 +221,6 @@ def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.Completed
         "GIT_AUTHOR_EMAIL": "ci@localhost",
         "GIT_COMMITTER_NAME": "ci",
         "GIT_COMMITTER_EMAIL": "ci@localhost",
-        "PYTHONDONTWRITEBYTECODE": "1",
     }
     env.pop("DVC_ROOT", None)
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
