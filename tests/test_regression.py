@@ -25,10 +25,12 @@ from regression import (
     compare,
     far_from,
     interleaved_speed_ratios,
+    lock_status,
     our_step,
     precision_row,
     profile_params,
     render,
+    scratch_copy,
     stale_lock_entries,
 )
 
@@ -119,6 +121,14 @@ def test_stale_lock_ignores_missing_outputs_but_not_changed_code_or_params():
         "sample: params sample modified",
         "train: changed command",
     ]
+
+
+def test_dvc_lock_matches_the_code_and_the_committed_params():
+    """The gate's `dvc.lock up to date` row, in the first minutes of CI rather than its last: after a change to
+    deepseek/ or stages/ that leaves the outputs as they are, `dvc commit -f STAGE`; after one that changes them,
+    `dvc repro`."""
+    with scratch_copy(ROOT) as workdir:
+        assert lock_status(workdir) == []
 
 
 def gate(*args: str, repo: Path) -> subprocess.CompletedProcess:
