@@ -198,7 +198,7 @@ def _provenance(plan: Study, runs: dict[Trial, MlflowRun]) -> str:
     machines = sorted({run.data.tags.get("machine", "unknown machine") for run in runs.values()})
     commits = {run.data.tags.get("git_commit", "unknown")[:7] for run in runs.values()}  # the experiments' baseline
     torches = sorted({run.data.tags.get("env.torch", "not recorded") for run in runs.values()})
-    precisions = sorted({run.data.tags.get("train.precision", "not recorded") for run in runs.values()})
+    precisions = sorted({_precision(run) for run in runs.values()})
     settings = ", ".join(f"`{key}={param_text(value)}`" for key, value in plan.params.items())
     return (
         f"{len(runs)} of {len(plan.trials())} runs ({len(plan.cells)} cells, seeds {', '.join(map(str, plan.seeds))}), "
@@ -206,6 +206,13 @@ def _provenance(plan: Study, runs: dict[Trial, MlflowRun]) -> str:
         f"torch {'; '.join(torches)}, {'; '.join(precisions)}, git commit {', '.join(sorted(commits))}. "
         f"Every run sets {settings or 'nothing beyond params.yaml'}."
     )
+
+
+def _precision(run: MlflowRun) -> str:
+    """How the run computed, and why: the reason names the CPU's native bf16 units, which its model name may not."""
+    tags = run.data.tags
+    precision = tags.get("train.precision", "precision not recorded")
+    return f"{precision} ({tags['train.precision_reason']})" if "train.precision_reason" in tags else precision
 
 
 def _table(plan: Study, runs: dict[Trial, MlflowRun], values: MetricValues) -> list[str]:

@@ -182,7 +182,9 @@ def test_the_report_says_which_differences_the_seeds_establish(tmp_path, monkeyp
     for trial in study.trials():
         if trial.seed > len(bits[trial.cell]):
             continue
-        created = client.create_run(experiment, tags={"study": "tiny", "study.cell": trial.cell, "env.torch": "2.13.0"})
+        tags = {"study": "tiny", "study.cell": trial.cell, "env.torch": "2.13.0", "train.precision": "float32"}
+        tags["train.precision_reason"] = "train.dtype auto: this CPU has no native bf16"
+        created = client.create_run(experiment, tags=tags)
         run_id = created.info.run_id
         for key, value in trial.params.items():
             client.log_param(run_id, key, study_design.param_text(value))
@@ -194,6 +196,7 @@ def test_the_report_says_which_differences_the_seeds_establish(tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     report = (tmp_path / "studies" / "tiny.md").read_text()
     assert "Against the reference cell `base`" in report and "torch 2.13.0" in report
+    assert "float32 (train.dtype auto: this CPU has no native bf16)" in report
     differences = report.split("Against the reference cell")[1]
     rows = {(row[0], row[1]): row[2:] for row in table_rows(differences)}
     near_error = (statistics.variance(bits["base"]) / 3 + statistics.variance(bits["near"]) / 3) ** 0.5
