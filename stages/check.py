@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from deepseek.files import write_text
-from stages.options import params_option, report_user_errors
+from stages.options import params_option, report_user_errors, run_as_program
 from stages.params import load_params
 
 CHECKED = Path("reports/params_check.txt")
@@ -29,4 +29,4 @@ def check(params_path: str) -> None:
 
 
 if __name__ == "__main__":
-    check()
+    run_as_program(check)

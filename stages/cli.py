@@ -13,7 +13,7 @@ from stages.check import check
 from stages.data import utf8_text
 from stages.download import download
 from stages.evaluate import evaluate
-from stages.options import FiniteFloatRange, model_option, report_user_errors
+from stages.options import FiniteFloatRange, model_option, report_user_errors, run_as_program
 from stages.prepare import prepare
 from stages.report import report
 from stages.sample import sample
@@ -164,5 +164,10 @@ def export_hf(model_dir: Path, out_dir: Path, force: bool, with_mtp: bool) -> No
     click.echo(f"wrote {out_dir}")
 
 
+def program() -> None:
+    """The `deepseek` command (pyproject.toml's entry point)."""
+    run_as_program(main)
+
+
 if __name__ == "__main__":
-    main()
+    program()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from stages.data import download_corpus
-from stages.options import params_option, report_user_errors
+from stages.options import params_option, report_user_errors, run_as_program
 from stages.params import load_params
 
 
@@ -30,4 +30,4 @@ def download(params_path: str) -> None:
 
 
 if __name__ == "__main__":
-    download()
+    run_as_program(download)

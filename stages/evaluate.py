@@ -11,7 +11,7 @@ import numpy as np
 
 from deepseek.files import write_json, write_text
 from stages import tracking
-from stages.options import TRAIN_LOG, VAL_LOG, params_option, report_user_errors, trained_model_option
+from stages.options import TRAIN_LOG, VAL_LOG, params_option, report_user_errors, run_as_program, trained_model_option
 from stages.params import load_params
 from stages.tokenizer import check_vocabulary, load_meta, load_tokens
 
@@ -126,4 +126,4 @@ def _read_csv(path: Path) -> list[dict[str, float]]:
 
 
 if __name__ == "__main__":
-    evaluate()
+    run_as_program(evaluate)

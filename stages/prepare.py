@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from stages.data import PREPARED_DIR, prepare_corpus
-from stages.options import params_option, report_user_errors
+from stages.options import params_option, report_user_errors, run_as_program
 from stages.params import load_params
 
 
@@ -45,4 +45,4 @@ def prepare(params_path: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    prepare()
+    run_as_program(prepare)

@@ -9,7 +9,7 @@ import click
 
 from deepseek.files import write_json, write_text
 from stages import tracking
-from stages.options import params_option, report_user_errors, trained_model_option
+from stages.options import params_option, report_user_errors, run_as_program, trained_model_option
 from stages.params import load_params
 
 
@@ -85,4 +85,4 @@ def _markdown(samples: list[Sample], settings: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    sample()
+    run_as_program(sample)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from stages.data import PREPARED_DIR
-from stages.options import params_option, report_user_errors
+from stages.options import params_option, report_user_errors, run_as_program
 from stages.params import load_params
 from stages.tokenizer import TOKENIZER_DIR, TOKENS_DIR, tokenize_corpus
 
@@ -63,4 +63,4 @@ def tokenize(params_path: str, prepared_dir: str, tokenizer_dir: str, tokens_dir
 
 
 if __name__ == "__main__":
-    tokenize()
+    run_as_program(tokenize)

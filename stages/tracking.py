@@ -42,6 +42,10 @@ SYSTEM_METRICS_SAMPLES = 3
 # Fail fast when a tracking server is down rather than retrying for minutes in the training loop.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# Asynchronous metrics go out in batches, each at most a second old. Unset, MLflow's logging thread waits on its queue
+# a second at a time, and every flush, and the process's exit, waits for that second to end; with a buffering time it
+# waits on an event that a flush sets, and returns at once.
+os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
 # The most one tracking call may take (plus a second per MB an upload sends), and the end of a stage may wait for
 # metrics still being sent: six of MLflow's per-read timeouts, a minute by default.
 REQUEST_DEADLINE_S = FLUSH_DEADLINE_S = 6 * float(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"])

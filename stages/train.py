@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from stages.options import params_option, report_user_errors
+from stages.options import params_option, report_user_errors, run_as_program
 
 
 @click.command()
@@ -59,4 +59,4 @@ def train(
 
 
 if __name__ == "__main__":
-    train()
+    run_as_program(train)
