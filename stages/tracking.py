@@ -268,7 +268,13 @@ class Run:
         """Wait for the metrics logged asynchronously, for at most FLUSH_DEADLINE_S."""
         import mlflow
 
-        self._do(lambda client, run_id: mlflow.flush_async_logging(), FLUSH_DEADLINE_S)
+        def flush(client: MlflowClient, run_id: str) -> None:
+            # MLflow flushes the queue of the process-wide tracking URI's store, which is the client's store (one
+            # per URI) only while that URI is the client's.
+            with _fluent_tracking_uri():
+                mlflow.flush_async_logging()
+
+        self._do(flush, FLUSH_DEADLINE_S)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

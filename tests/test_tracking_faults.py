@@ -1,6 +1,6 @@
 """Tracking never stops silently and never stalls training: a malformed tracking URI is refused before any work,
-a server that trickles its answers costs a bounded wait and a warning, and runs of trainings that died are
-closed as KILLED by the next one."""
+a server that trickles its answers costs a bounded wait and a warning, runs of trainings that died are closed as
+KILLED by the next one, and a stage's last metrics are in the store before it exits."""
 
 from __future__ import annotations
 
@@ -109,4 +109,23 @@ def test_runs_of_trainings_that_died_are_closed_as_killed(tmp_path, monkeypatch)
         assert client.get_run(current.run_id).info.status == "FINISHED"
         assert client.get_experiment_by_name(EXPERIMENT) is not None
     finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: the default; mlflow takes it though it says str | Path
+
+
+def test_metrics_logged_asynchronously_are_in_the_project_store_once_flushed(tmp_path, monkeypatch):
+    """Run.flush flushes the store of the project's tracking URI, not MLflow's process-wide one: at a stage's exit
+    MLflow's worker threads take no more work, and metrics still queued then are lost."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # another process-wide URI ...
+    mlflow.search_experiments()  # (its store made now: making it in the flush would give the queue time to empty)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # ... than the project's, which comes from its root
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    run = Run.start({}, {})
+    try:
+        assert run.run_id is not None
+        run.log_metrics({"val.loss": 1.5}, step=3)
+        run.flush()
+        history = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(run.run_id, "val.loss")
+        assert [(metric.value, metric.step) for metric in history] == [(1.5, 3)]
+    finally:
+        run.finish()
         mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: the default; mlflow takes it though it says str | Path
