@@ -2,7 +2,8 @@
 benchmarks/README.md runs here, in a tiny copy of the project, so a documented command cannot break silently.
 
 Commands CI runs itself are not run again here: the README's install and test commands, which must appear
-verbatim in .ci/run, and any other documented command that is a line of .ci/run (the lint line); nor is a
+verbatim in .ci/run, and any other documented command that is a line of .ci/run (the lint line); nor are
+docs/ci.md's regression-gate commands, which tests/test_regression.py runs and whose tables it checks; nor is a
 benchmark measurement that another page shows too (with or without `--json PATH`). Commands that train run with
 tiny settings: the tiny repository's params, plus the adjustments of DocRunner.tiny, each named with its reason.
 A benchmark's printed tables are checked, and `dvc exp show`'s columns.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from documented import Command, fenced_blocks, gate_commands, python_snippets, shell_commands
 
 from deepseek.config import ModelConfig
 from deepseek.model import DeepSeekLM
@@ -57,7 +59,6 @@ RESULTS_LOG = ROOT / "docs" / "results.md"
 HISTORY = re.compile(
     r"\bmissed\b|\b(defaults|machine) of the time\b|\bissue \d+|\bbefore this work\b|\bwas lent\b", re.IGNORECASE
 )
-SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes (or a GPU); the tiny preset, seconds, one thread
     # bf16 only, where each model compiles into one graph: the documented `--compile` run is the test that both
     # models compile (tests/test_compile.py covers fp32 training); compiling fp32 too took minutes on an AVX2 CPU.
@@ -75,36 +76,6 @@ BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes (or a GPU);
 }
 
 
-@dataclasses.dataclass
-class Command:
-    doc: Path
-    text: str  # as written, comments included
-
-    @property
-    def code(self) -> str:
-        """The command without its trailing comment."""
-        return re.sub(r"\s+#\s.*$", "", self.text).strip()
-
-
-def fenced_blocks(path: Path) -> list[tuple[str, str]]:
-    """(language, body) of each fenced code block of a Markdown file."""
-    return re.findall(r"^```(\w*)\n(.*?)^```", path.read_text(), flags=re.MULTILINE | re.DOTALL)
-
-
-def shell_commands(path: Path) -> list[Command]:
-    commands = []
-    for language, body in fenced_blocks(path):
-        if language in SHELL_LANGUAGES:
-            for line in body.replace("\\\n", " ").splitlines():
-                if line.strip() and not line.lstrip().startswith("#"):
-                    commands.append(Command(path, line.strip()))
-    return commands
-
-
-def python_snippets(path: Path) -> list[str]:
-    return [body for language, body in fenced_blocks(path) if language == "python"]
-
-
 def quickstart() -> tuple[str, str]:
     """The README's install and test commands: the lines its quickstart marks # install and # the tests."""
     lines = [command.text for command in shell_commands(README)]
@@ -120,6 +91,8 @@ CI_LINES = {line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlin
 RUN_BY_CI = {re.sub(r"\s+#\s.*$", "", line) for line in quickstart()} | {
     command.code for path in DOC_FILES for command in shell_commands(path) if command.code in CI_LINES
 }
+# Run by a test of its own, which checks what they print: the gate's commands (tests/test_regression.py).
+RUN_BY_TESTS = set(gate_commands(ROOT / "docs" / "ci.md"))
 
 
 # --- fast checks ------------------------------------------------------------------------------------------------
@@ -398,7 +371,7 @@ def test_every_documented_command_runs(group, reader_project, tmp_path):
     seconds: list[tuple[float, str]] = []  # each command's, with its page, in the order run
     for path in (ROOT / page for page in PAGE_GROUPS[group]):
         for command in shell_commands(path):
-            if command.code not in RUN_BY_CI:
+            if command.code not in RUN_BY_CI | RUN_BY_TESTS:
                 start = time.monotonic()
                 runner.run(command)
                 seconds.append((time.monotonic() - start, f"{path.name}: {command.code}"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from documented import GATE, gate_commands
 
 from deepseek.checkpoint import run_fingerprint
 from deepseek.config import ModelConfig
@@ -140,8 +142,18 @@ def gate(*args: str, repo: Path) -> subprocess.CompletedProcess:
     )
 
 
+def documented_gate_arguments() -> tuple[list[str], list[str]]:
+    """The arguments of docs/ci.md's two gate commands: the baseline's update, and the check that fails."""
+    update, see_it_fail = (shlex.split(code.removeprefix(GATE)) for code in gate_commands(ROOT / "docs" / "ci.md"))
+    assert update == ["update-baseline"] and see_it_fail[0] == "check", (update, see_it_fail)
+    return update, see_it_fail
+
+
 @pytest.mark.slow
 def test_damaged_training_fails_the_gate_and_unchanged_code_passes_after_an_applied_experiment(tmp_path):
+    """docs/ci.md's gate commands (test_docs leaves them to this test), on a tiny profile, with a check that passes
+    between them."""
+    update, see_it_fail = documented_gate_arguments()
     repo = make_pipeline_repo(tmp_path / "repo")
     (tmp_path / "profile.yaml").write_text("seed: 7\n")
     # The tiny run lasts seconds, too short to time precisely: its throughput margin is wide.
@@ -156,7 +168,7 @@ def test_damaged_training_fails_the_gate_and_unchanged_code_passes_after_an_appl
         )
     )
     common = ["--profile", str(tmp_path / "profile.yaml"), "--baseline", str(tmp_path / "baseline.json")]
-    created = gate("update-baseline", *common, repo=repo)
+    created = gate(*update, *common, repo=repo)
     assert created.returncode == 0, created.stderr
 
     # An experiment (the README's `dvc exp run -S train.lr=1e-3`) leaves its params in the workspace, uncommitted;
@@ -174,8 +186,7 @@ def test_damaged_training_fails_the_gate_and_unchanged_code_passes_after_an_appl
     # A damaged training, and a precision that must be 100 times faster than the other: both rows fail.
     strict = yaml.safe_load((tmp_path / "tolerances.yaml").read_text()) | {"precision": {"min_speedup": 100}}
     (tmp_path / "strict.yaml").write_text(yaml.safe_dump(strict))
-    checks[checks.index(str(tmp_path / "tolerances.yaml"))] = str(tmp_path / "strict.yaml")
-    damaged = gate("check", *checks, "--set", "train.lr=0", "--set", "train.min_lr=0", repo=repo)
+    damaged = gate(*see_it_fail, *common, "--tolerances", str(tmp_path / "strict.yaml"), repo=repo)
     assert damaged.returncode != 0
     for metric in ("bits_per_character", "training precision is the faster"):
         row = next(line for line in damaged.stdout.splitlines() if line.startswith(f"| {metric} |"))
