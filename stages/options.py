@@ -108,6 +108,7 @@ def run_as_program(command: click.Command) -> None:
 
     Before it exits, the process moves every object to the collector's permanent generation (gc.freeze, as the last
     exit handler): its final collection then skips the millions of objects that torch, MLflow and transformers
-    leave, which took 1.5 of a stage's 7.5 s on two cores. Nothing is written then: every output is closed."""
+    leave, which took 1.4 s of a tiny evaluate's 7.6 (docs/results.md, "CI time, round 2"). Nothing is written
+    then: every output is closed."""
     atexit.register(gc.freeze)  # exit handlers run last-registered first: this one after MLflow's
     command()
