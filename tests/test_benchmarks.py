@@ -2,11 +2,13 @@
 
 import importlib
 import json
+import shlex
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from documented import BENCHMARK_TINY_ARGS
 
 from deepseek.checkpoint import save_model
 from deepseek.config import ModelConfig
@@ -95,9 +97,7 @@ def test_generation_reports_every_variant_and_the_cache_sizes(run):
 def test_memory_reports_training_and_generation(run):
     from benchmarks.memory import COLUMNS
 
-    tables, data = run(
-        "memory", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--context", "16", "--new-tokens", "4"
-    )
+    tables, data = run("memory", *shlex.split(BENCHMARK_TINY_ARGS["memory"]))  # test_docs leaves it to this test
     [[header, *rows]] = tables
     assert header == COLUMNS
     assert [row[0] for row in rows] == ["training step", "generate"]
@@ -137,7 +137,8 @@ def test_gpu_check_dry_run_passes_every_check(command, tmp_path):
     from benchmarks.gpu_check import CHECKS, COLUMNS
 
     out = tmp_path / "gpu_check.json"
-    result = CliRunner().invoke(command("gpu_check"), ["--dry-run", "--threads", "1", "--json", str(out)])
+    args = [*shlex.split(BENCHMARK_TINY_ARGS["gpu_check"]), "--json", str(out)]  # test_docs leaves it to this test
+    result = CliRunner().invoke(command("gpu_check"), args)
     assert result.exit_code == 0, result.output
     [[header, *rows]] = markdown_tables(result.stdout)
     assert header == COLUMNS
@@ -160,7 +161,7 @@ def test_expert_shapes_times_both_precisions_padded_and_unpadded(command, tmp_pa
     from benchmarks.expert_shapes import LAYER_COLUMNS, MATMUL_COLUMNS
 
     out = tmp_path / "expert_shapes.json"
-    args = ["--preset", "tiny", "--tokens", "256", "--steps", "2", "--matmuls", "4", "--threads", "1"]
+    args = shlex.split(BENCHMARK_TINY_ARGS["expert_shapes"])  # test_docs leaves this measurement to this test
     result = CliRunner().invoke(command("expert_shapes"), [*args, "--json", str(out)])
     assert result.exit_code == 0, result.output
     [matmuls, layers] = markdown_tables(result.stdout)

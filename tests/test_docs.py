@@ -4,7 +4,8 @@ benchmarks/README.md runs here, in a tiny copy of the project, so a documented c
 Commands CI runs itself are not run again here: the README's install and test commands, which must appear
 verbatim in .ci/run, and any other documented command that is a line of .ci/run (the lint line); nor are
 docs/ci.md's regression-gate commands, which tests/test_regression.py runs and whose tables it checks; nor is a
-benchmark measurement that another page shows too (with or without `--json PATH`). Commands that train run with
+benchmark measurement that another page shows too (with or without `--json PATH`), or that tests/test_benchmarks.py
+makes itself with the same arguments (tests/documented.py). Commands that train run with
 tiny settings: the tiny repository's params, plus the adjustments of DocRunner.tiny, each named with its reason.
 A benchmark's printed tables are checked, and `dvc exp show`'s columns.
 """
@@ -23,7 +24,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from documented import Command, fenced_blocks, gate_commands, python_snippets, shell_commands
+from documented import (
+    MEASURED_BY_TEST_BENCHMARKS,
+    Command,
+    fenced_blocks,
+    gate_commands,
+    python_snippets,
+    shell_commands,
+    tiny_benchmark,
+)
 
 from deepseek.config import ModelConfig
 from deepseek.model import DeepSeekLM
@@ -59,21 +68,6 @@ RESULTS_LOG = ROOT / "docs" / "results.md"
 HISTORY = re.compile(
     r"\bmissed\b|\b(defaults|machine) of the time\b|\bissue \d+|\bbefore this work\b|\bwas lent\b", re.IGNORECASE
 )
-BENCHMARK_TINY_ARGS = {  # the scripts' default presets take minutes (or a GPU); the tiny preset, seconds, one thread
-    # bf16 only, where each model compiles into one graph: the documented `--compile` run is the test that both
-    # models compile (tests/test_compile.py covers fp32 training); compiling fp32 too took minutes on an AVX2 CPU.
-    "train_throughput": "--preset tiny --precision bfloat16 --batch-size 2 --seq-len 16 --steps 1 --warmup 0 "
-    "--device cpu --threads 1",
-    "generation": "--preset tiny --contexts 8,32 --new-tokens 4 --no-cache-max-context 8 --repeats 1 --device cpu "
-    "--threads 1",
-    "memory": "--preset tiny --batch-size 2 --seq-len 16 --context 16 --new-tokens 4 --device cpu --threads 1",
-    "speculative": "--preset tiny --contexts 8,16 --new-tokens 4 --repeats 1 --device cpu --threads 1",
-    "expert_shapes": "--preset tiny --tokens 256 --steps 2 --matmuls 4 --threads 1",  # CPU only: oneDNN's shapes
-    "expert_balance": "--seq-len 32 --threads 1",  # the tiny model trained by the README's `dvc repro`; its window
-    "gpu_check": "--dry-run --threads 1",
-    "busy_machine": "--preset tiny --seq-len 32 --steps 11",  # its trainings choose their threads themselves
-    "system_metrics": "--seconds 1 --rounds 1",
-}
 
 
 def quickstart() -> tuple[str, str]:
@@ -185,11 +179,8 @@ class DocRunner:
             code = re.sub(r"--max-new-tokens \d+", "--max-new-tokens 40", code)
         if code.startswith("deepseek study"):  # a real study is hours of training; this one, one tiny run
             code = re.sub(r"docs/studies/[\w-]+\.yaml", str(self.tiny_study), code)
-        if match := re.match(r"python -m benchmarks\.(\w+)", code):
-            tiny_args = BENCHMARK_TINY_ARGS[match.group(1)]
-            if "--preset" in tiny_args:  # --preset repeats in some scripts: the documented one would run as well
-                code = re.sub(r" --preset \w+", "", code)
-            code += f" {tiny_args}"
+        if re.match(r"python -m benchmarks\.", code):
+            code = tiny_benchmark(code)
         return code
 
     def run(self, command: Command) -> None:
@@ -202,7 +193,7 @@ class DocRunner:
         benchmark = re.match(r"python -m benchmarks\.", code)
         if benchmark:  # the same measurement shown on two pages (with --json PATH on one of them) runs once
             measurement = re.sub(r" --json \S+", "", code)
-            if measurement in self.measured:
+            if measurement in self.measured | MEASURED_BY_TEST_BENCHMARKS:
                 return
             self.measured.add(measurement)
         result = run_captured(["bash", "-c", code], self.repo, self.env)
