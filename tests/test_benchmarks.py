@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from documented import BENCHMARK_TINY_ARGS
 
 from deepseek.checkpoint import save_model
 from deepseek.config import ModelConfig
@@ -17,6 +16,7 @@ from stages.params import TokenizerParams
 from stages.tokenizer import build_tokenizer
 
 from conftest import randomized
+from documented import BENCHMARK_TINY_ARGS
 from pipeline_utils import ROOT, markdown_tables, tiny_corpus
 
 

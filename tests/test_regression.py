@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from documented import GATE, gate_commands
 
 from deepseek.checkpoint import run_fingerprint
 from deepseek.config import ModelConfig
 from deepseek.train_config import TrainConfig
 
+from documented import GATE, gate_commands
 from pipeline_utils import ROOT, make_pipeline_repo, run, set_params
 from regression import (
     PROFILE,
