@@ -8,6 +8,7 @@ from pathlib import Path
 
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 GATE = "python .ci/regression.py"  # docs/ci.md's regression-gate commands start so
+STUDY = "deepseek study "  # and docs/studies/README.md's study commands so
 # What a documented benchmark command runs with in the tests. The scripts' default presets take minutes (or a GPU);
 # the tiny preset, seconds, on one thread. An option set here replaces the documented one.
 BENCHMARK_TINY_ARGS = {
@@ -41,7 +42,7 @@ def tiny_benchmark(code: str) -> str:
 # The documented measurements that tests/test_benchmarks.py makes itself, with the same tiny arguments, and whose
 # tables it checks in detail: the documentation test leaves them to it.
 MEASURED_BY_TEST_BENCHMARKS = {
-    tiny_benchmark(f"python -m benchmarks.{name}") for name in ("memory", "gpu_check", "expert_shapes")
+    tiny_benchmark(f"python -m benchmarks.{name}") for name in ("memory", "gpu_check", "expert_shapes", "busy_machine")
 }
 
 
@@ -78,3 +79,8 @@ def python_snippets(path: Path) -> list[str]:
 def gate_commands(ci_page: Path) -> list[str]:
     """The regression-gate commands of docs/ci.md, as written (comments left out)."""
     return [command.code for command in shell_commands(ci_page) if command.code.startswith(GATE)]
+
+
+def study_commands(studies_page: Path) -> list[str]:
+    """The `deepseek study` commands of docs/studies/README.md, as written (comments left out)."""
+    return [command.code for command in shell_commands(studies_page) if command.code.startswith(STUDY)]

@@ -211,3 +211,30 @@ def test_expert_balance_measures_the_evaluate_stages_maxvio_and_sees_dropout(com
     assert all(row["layer 1"] == pytest.approx(1.0) for row in rows)
     assert rows[0]["MTP 1"] != rows[1]["MTP 1"]
     assert len(rows) == 6 and markdown_tables(result.stdout)[0][0] == list(rows[0])
+
+
+@pytest.mark.alone  # its trainings size their thread pools from the machine's load
+def test_busy_machine_trains_alone_and_beside_a_busy_loop_with_each_thread_setting(command, tmp_path):
+    """Four trainings in fresh processes, three beside a one-core busy loop: train.threads 0 (the default), then every
+    core, then all but one, fixed; a fixed setting is the pool each of its steps used."""
+    from benchmarks.busy_machine import COLUMNS
+    from deepseek.cpu import machine_cores
+
+    out = tmp_path / "busy_machine.json"
+    args = shlex.split(BENCHMARK_TINY_ARGS["busy_machine"])  # test_docs leaves this measurement to this test
+    result = CliRunner().invoke(command("busy_machine"), [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    [[header, *rows]] = markdown_tables(result.stdout)
+    cores = machine_cores()
+    assert header == COLUMNS
+    assert [(row[0], row[1]) for row in rows] == [
+        ("alone", "0 (the default)"),
+        ("beside a one-core busy loop", "0 (the default)"),
+        ("beside a one-core busy loop", str(cores)),
+        ("beside a one-core busy loop", str(max(1, cores - 1))),
+    ]
+    assert [row[2] for row in rows[2:]] == [str(cores), str(max(1, cores - 1))]
+    assert rows[0][4] == "100%"
+    data = json.loads(out.read_text())["tables"]["busy_machine"]
+    assert [row["case"] for row in data] == [row[0] for row in rows]
+    assert all(row["tok/s"] > 0 for row in data)

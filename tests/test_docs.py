@@ -3,7 +3,8 @@ benchmarks/README.md runs here, in a tiny copy of the project, so a documented c
 
 Commands CI runs itself are not run again here: the README's install and test commands, which must appear
 verbatim in .ci/run, and any other documented command that is a line of .ci/run (the lint line); nor are
-docs/ci.md's regression-gate commands, which tests/test_regression.py runs and whose tables it checks; nor is a
+docs/ci.md's regression-gate commands, which tests/test_regression.py runs and whose tables it checks, or the
+study commands of docs/studies/README.md, which tests/test_study.py runs on a study of its own; nor is a
 benchmark measurement that another page shows too (with or without `--json PATH`), or that tests/test_benchmarks.py
 makes itself with the same arguments (tests/documented.py). Commands that train run with
 tiny settings: the tiny repository's params, plus the adjustments of DocRunner.tiny, each named with its reason.
@@ -35,6 +36,7 @@ from documented import (
     gate_commands,
     python_snippets,
     shell_commands,
+    study_commands,
     tiny_benchmark,
 )
 from pipeline_utils import (
@@ -85,8 +87,9 @@ CI_LINES = {line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlin
 RUN_BY_CI = {re.sub(r"\s+#\s.*$", "", line) for line in quickstart()} | {
     command.code for path in DOC_FILES for command in shell_commands(path) if command.code in CI_LINES
 }
-# Run by a test of its own, which checks what they print: the gate's commands (tests/test_regression.py).
-RUN_BY_TESTS = set(gate_commands(ROOT / "docs" / "ci.md"))
+# Run by a test of its own, which checks what they print or leave: the gate's commands (tests/test_regression.py)
+# and the study commands (tests/test_study.py, on a study of its own).
+RUN_BY_TESTS = {*gate_commands(ROOT / "docs" / "ci.md"), *study_commands(ROOT / "docs" / "studies" / "README.md")}
 
 
 # --- fast checks ------------------------------------------------------------------------------------------------
@@ -159,8 +162,8 @@ def test_preset_table_gives_the_counts_of_the_model_built():
 class DocRunner:
     """Runs documented commands in a tiny pipeline repository, as a reader would, one after another."""
 
-    def __init__(self, repo: Path, home: Path, tokenizer_dir: Path, tiny_study: Path) -> None:
-        self.repo, self.tokenizer_dir, self.tiny_study = repo, tokenizer_dir, tiny_study
+    def __init__(self, repo: Path, home: Path, tokenizer_dir: Path) -> None:
+        self.repo, self.tokenizer_dir = repo, tokenizer_dir
         # HOME is a scratch folder: a documented `git config --global` must not touch the real one.
         self.env = {**pipeline_env(), "HOME": str(home), "COLUMNS": "120", "MLFLOW_DISABLE_TELEMETRY": "true"}
         self.served: set[str] = set()  # server commands seen answering: another page showing one is not rerun
@@ -178,8 +181,6 @@ class DocRunner:
             code += " -j 2"
         if code.startswith("deepseek generate"):  # the tiny model's context is 64 tokens
             code = re.sub(r"--max-new-tokens \d+", "--max-new-tokens 40", code)
-        if code.startswith("deepseek study"):  # a real study is hours of training; this one, one tiny run
-            code = re.sub(r"docs/studies/[\w-]+\.yaml", str(self.tiny_study), code)
         if re.match(r"python -m benchmarks\.", code):
             code = tiny_benchmark(code)
         return code
@@ -293,10 +294,6 @@ class ReaderProject:
     def tokenizer_dir(self) -> Path:  # a local stand-in for the hub tokenizer of the original configuration
         return self.directory / "pretrained-tokenizer"
 
-    @property
-    def tiny_study(self) -> Path:  # one tiny run, for the documented studies
-        return self.directory / "studies" / "tiny.yaml"
-
     def build(self) -> None:
         from stages.params import TokenizerParams
         from stages.tokenizer import build_tokenizer
@@ -309,11 +306,6 @@ class ReaderProject:
         git_run(["git", "commit", "-qm", "the default run"], self.origin)
         tokenizer = build_tokenizer(TokenizerParams(kind="bpe", vocab_size=300), tiny_corpus())
         tokenizer.save_pretrained(self.tokenizer_dir)
-        self.tiny_study.parent.mkdir()
-        self.tiny_study.write_text(
-            "params: {train.max_steps: 2, mlflow.register_model: false}\n"
-            "cells: {base: {}}\nseeds: [1]\nmetrics: {val.bits_per_character: bits/char}\ncurves: [loss]\n"
-        )
 
 
 @pytest.fixture(scope="session")
@@ -359,7 +351,7 @@ def test_the_page_groups_hold_every_page_once():
 def test_every_documented_command_runs(group, reader_project, tmp_path):
     repo = workspace(reader_project, tmp_path / "clone", after_quickstart=group != "quickstart")
     (tmp_path / "home").mkdir()
-    runner = DocRunner(repo, tmp_path / "home", reader_project.tokenizer_dir, reader_project.tiny_study)
+    runner = DocRunner(repo, tmp_path / "home", reader_project.tokenizer_dir)
     seconds: list[tuple[float, str]] = []  # each command's, with its page, in the order run
     for path in (ROOT / page for page in PAGE_GROUPS[group]):
         for command in shell_commands(path):

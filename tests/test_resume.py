@@ -20,6 +20,7 @@ from deepseek.checkpoint import find_resume_point, list_checkpoints
 
 from pipeline_utils import ROOT, set_params, stage_workspace
 from training_runs import assert_same_training, finish, kill_after, newest_step, results
+from workers import built_once, run_directory
 
 # Slow enough per step (a few tens of ms) that a kill lands between checkpoints.
 RESUME_PARAMS = {
@@ -35,12 +36,16 @@ RESUME_PARAMS = {
 }
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def train_uninterrupted(path: Path) -> None:
     with pytest.MonkeyPatch.context() as monkeypatch:
-        path = stage_workspace(tmp_path_factory.mktemp("straight"), monkeypatch, **RESUME_PARAMS)
+        stage_workspace(path, monkeypatch, **RESUME_PARAMS)
         finish(path)
-        return results(path)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """The training the interrupted ones must end as: run once for the test run, by the first worker to need it."""
+    return results(built_once(run_directory(tmp_path_factory), "resume-uninterrupted", train_uninterrupted))
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import statistics
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from stages.cli import main
 from stages.study import BEGIN, END
 from stages.tracking import EXPERIMENT
 
-from pipeline_utils import make_pipeline_repo, run
+from documented import study_commands
+from pipeline_utils import ROOT, make_pipeline_repo, run
 
 TINY_STUDY: dict[str, Any] = {
     "title": "Two learning rates",
@@ -51,12 +53,24 @@ def table_rows(report: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
 
+def documented_study_commands(study: Path) -> tuple[list[str], list[str]]:
+    """docs/studies/README.md's two commands (test_docs leaves them to this test), on study in place of theirs."""
+    run_study, report = (
+        [str(study) if arg.endswith(".yaml") else arg for arg in shlex.split(code)]
+        for code in study_commands(ROOT / "docs" / "studies" / "README.md")
+    )
+    assert run_study[:3] == ["deepseek", "study", "run"] and str(study) in run_study, run_study
+    assert report == ["deepseek", "study", "report", str(study)], report
+    return run_study, report
+
+
 @pytest.mark.slow
 def test_a_study_runs_each_trial_once_and_reports_what_mlflow_holds(tmp_path):
     repo = make_pipeline_repo(tmp_path / "repo")
     study = write_study(tmp_path / "studies")
+    run_study, report_study = documented_study_commands(study)
 
-    first = run(["deepseek", "study", "run", str(study), "-j", "2"], repo)
+    first = run(run_study, repo)
     assert "2 trials, 0 complete in MLflow, 2 to run" in first.stdout
     runs = study_runs(repo, "tiny")
     assert sorted(r.data.tags["study.cell"] for r in runs) == ["fast", "slow"]
@@ -65,7 +79,7 @@ def test_a_study_runs_each_trial_once_and_reports_what_mlflow_holds(tmp_path):
         assert float(r.data.params["train.lr"]) == TINY_STUDY["cells"][r.data.tags["study.cell"]]["train.lr"]
         assert r.info.run_name == f"tiny-{r.data.tags['study.cell']}-s1"  # the DVC experiment's name
 
-    run(["deepseek", "study", "report", str(study)], repo)
+    run(report_study, repo)
     report = (tmp_path / "studies" / "tiny.md").read_text()
     by_cell = {r.data.tags["study.cell"]: r.data.metrics for r in runs}
     assert table_rows(report) == [
