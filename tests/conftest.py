@@ -13,7 +13,8 @@ from deepseek.config import ModelConfig
 from deepseek.model import DeepSeekLM
 
 from pipeline_utils import make_pipeline_repo, run
-from workers import WORKER, machine_turn
+from reader_project import ReaderProject
+from workers import WORKER, built_once, machine_turn, run_directory
 
 # --- parallel workers (pytest-xdist, `-n` in pyproject.toml) -----------------------------------------------------
 if WORKER is not None:
@@ -131,6 +132,14 @@ def wait_for_queue(repo: Path, timeout_s: float = 900) -> str:
             return status
         time.sleep(3)
     raise AssertionError(f"queued experiments still running after {timeout_s} s:\n{status}")
+
+
+@pytest.fixture(scope="session")
+def reader_project(tmp_path_factory) -> ReaderProject:
+    """The tiny project run once and committed, built for the test run by the first worker to need it."""
+    return ReaderProject(
+        built_once(run_directory(tmp_path_factory), "reader-project", lambda path: ReaderProject(path).build())
+    )
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ A benchmark's printed tables are checked, and `dvc exp show`'s columns.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shlex
 import shutil
@@ -42,14 +41,11 @@ from documented import (
 from pipeline_utils import (
     ROOT,
     free_port,
-    make_pipeline_repo,
     markdown_tables,
     pipeline_env,
     run_captured,
-    tiny_corpus,
 )
-from pipeline_utils import run as git_run
-from workers import built_once, run_directory
+from reader_project import workspace
 
 README = ROOT / "README.md"
 # In the order a reader meets them: the README first, then the pages.
@@ -278,54 +274,6 @@ def check_exp_show(output: str) -> None:
     assert lines and max(len(line) for line in lines) <= 120, output
     assert "…" not in lines[1], f"columns left out:\n{output}"
     assert "val.bits_per_character" in lines[1] and "val.max_vio" in lines[1], output
-
-
-@dataclasses.dataclass(frozen=True)
-class ReaderProject:
-    """The project as a reader clones it, and what the tiny settings of its commands need, in directory."""
-
-    directory: Path
-
-    @property
-    def origin(self) -> Path:  # the pipeline run and committed (dvc.lock, reports), on tiny params
-        return self.directory / "origin"
-
-    @property
-    def tokenizer_dir(self) -> Path:  # a local stand-in for the hub tokenizer of the original configuration
-        return self.directory / "pretrained-tokenizer"
-
-    def build(self) -> None:
-        from stages.params import TokenizerParams
-        from stages.tokenizer import build_tokenizer
-
-        make_pipeline_repo(self.origin)
-        # The regression gate's profile: a few seconds of the tiny model, not two minutes of the cpu one.
-        (self.origin / ".ci" / "profile.yaml").write_text("seed: 7\nmlflow:\n  register_model: false\n")
-        git_run(["dvc", "repro"], self.origin)
-        git_run(["git", "add", "-A"], self.origin)
-        git_run(["git", "commit", "-qm", "the default run"], self.origin)
-        tokenizer = build_tokenizer(TokenizerParams(kind="bpe", vocab_size=300), tiny_corpus())
-        tokenizer.save_pretrained(self.tokenizer_dir)
-
-
-@pytest.fixture(scope="session")
-def reader_project(tmp_path_factory) -> ReaderProject:
-    """Built once for the test run, by the first worker to need it."""
-    return ReaderProject(
-        built_once(run_directory(tmp_path_factory), "reader-project", lambda path: ReaderProject(path).build())
-    )
-
-
-def workspace(project: ReaderProject, path: Path, after_quickstart: bool) -> Path:
-    """A clone of the project, with the corpus where the README puts it offline; after_quickstart, also with what
-    the README's `dvc repro` leaves (the outputs, DVC's cache, the MLflow store), copied from the origin's run."""
-    git_run(["git", "clone", "-q", str(project.origin), str(path)], path.parent)
-    shutil.copy(project.origin / "data" / "input-1.txt", path / "data" / "input-1.txt")
-    if after_quickstart:
-        shutil.copytree(project.origin / ".dvc" / "cache", path / ".dvc" / "cache")
-        shutil.copy(project.origin / "mlflow.db", path / "mlflow.db")
-        git_run(["dvc", "checkout", "-q"], path)
-    return path
 
 
 # The pages run in groups, each group in its own clone, so that test workers run them side by side. A group's pages

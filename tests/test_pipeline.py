@@ -13,14 +13,15 @@ import yaml
 
 from stages.params import load_params
 
-from pipeline_utils import STAGES, make_pipeline_repo, run, set_params, stages_run
+from pipeline_utils import STAGES, run, set_params, stages_run
+from reader_project import ReaderProject, workspace
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end(repo):
-    # 1. A fresh repro runs every stage; a second runs nothing and leaves dvc status clean.
-    first = run(["dvc", "repro"], repo)
-    assert stages_run(first.stdout) == set(STAGES)
+def test_pipeline_end_to_end(repo, reader_project):
+    # 1. A fresh repro ran every stage (the project's first, committed, which repo clones); a second runs nothing
+    # and leaves dvc status clean.
+    assert stages_run(reader_project.first_repro.read_text()) == set(STAGES)
     assert stages_run(run(["dvc", "repro"], repo).stdout) == set()
     assert "up to date" in run(["dvc", "status"], repo).stdout
 
@@ -45,8 +46,6 @@ def test_pipeline_end_to_end(repo):
 
     # 3. Reruns: sample params re-run only sample; train params re-run train, evaluate and sample (and the check
     # of params.yaml, every time it changes).
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "first run"], repo)
     set_params(repo, sample={"max_new_tokens": 8})
     assert stages_run(run(["dvc", "repro"], repo).stdout) == {"check", "sample"}
     set_params(repo, train={"lr": 2e-3})
@@ -170,5 +169,7 @@ TRAIN_OUTPUTS = (
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return make_pipeline_repo(tmp_path_factory.mktemp("pipeline"))
+def repo(tmp_path_factory, reader_project: ReaderProject) -> Path:
+    """A clone of the tiny project with its first run's outputs; its runs make an MLflow store of their own."""
+    path = tmp_path_factory.mktemp("pipeline") / "repo"
+    return workspace(reader_project, path, after_quickstart=True, with_store=False)
