@@ -133,29 +133,33 @@ def reference_step(vocab_size: int, ids: torch.Tensor, dtype: torch.dtype) -> Ca
 
 def interleaved_speed_ratios(
     step: Callable[[], None],
-    against: Callable[[], None],
+    against: dict[str, Callable[[], None]],
     rounds: int = 30,
     warmup: int = 3,
-    settled: Callable[[list[float]], bool] | None = None,
-) -> list[float]:
-    """step's speed over against's, once per round of one step each, alternating which goes first; fewer rounds
-    once settled(ratios) says the answer is known.
+    settled: dict[str, Callable[[list[float]], bool]] | None = None,
+) -> dict[str, list[float]]:
+    """step's speed over each of against's steps, by name: once per round of one step each, the order reversed
+    every other round. A step of against leaves the rounds once settled[name](its ratios) says its answer is known.
 
-    Load from other processes slows both steps of a round alike, so it cancels in the round's ratio; the median
-    over rounds is robust to the rounds it does not.
+    Load from other processes slows the steps of a round alike, so it cancels in the round's ratios; the median
+    over rounds is robust to the rounds it does not. One round times step once for all its comparisons.
     """
     for _ in range(warmup):
-        step()
-        against()
-    ratios = []
+        for run in (step, *against.values()):
+            run()
+    ratios: dict[str, list[float]] = {name: [] for name in against}
+    timed = dict(against)
     for round_ in range(rounds):
         seconds = {}
-        for name, run in (("step", step), ("against", against))[:: 1 if round_ % 2 else -1]:
+        for name, run in [("step", step), *timed.items()][:: 1 if round_ % 2 else -1]:
             start = time.perf_counter()
             run()
             seconds[name] = time.perf_counter() - start
-        ratios.append(seconds["against"] / seconds["step"])
-        if settled is not None and settled(ratios):
+        for name in list(timed):
+            ratios[name].append(seconds[name] / seconds["step"])
+            if settled and name in settled and settled[name](ratios[name]):
+                del timed[name]
+        if not timed:
             break
     return ratios
 
@@ -303,13 +307,17 @@ def measure(
     torch.manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (parsed.train.micro_batch_size, parsed.train.seq_len + 1))
     ours = our_step(config, parsed.train, ids, dtype)
-    click.echo(f"timing {rounds} interleaved rounds of our step and the reference's, {describe_precision(dtype)} ...")
-    reference = reference_step(config.vocab_size, ids, dtype)
-    throughput = Spread("relative throughput", interleaved_speed_ratios(ours, reference, rounds))
-    click.echo(f"timing {rounds} interleaved rounds of our step in {dtype_name(dtype)} and in {dtype_name(other)} ...")
-    in_other = our_step(config, parsed.train, ids, other)
-    precision_ratios = interleaved_speed_ratios(ours, in_other, rounds, settled=far_from(min_speedup))
-    precision = Spread(f"{dtype_name(dtype)} over {dtype_name(other)}", precision_ratios)
+    against = {
+        "reference": reference_step(config.vocab_size, ids, dtype),
+        "other": our_step(config, parsed.train, ids, other),
+    }
+    click.echo(
+        f"timing {rounds} interleaved rounds of our step ({describe_precision(dtype)}), the reference's in the same "
+        f"precision, and ours in {dtype_name(other)} ..."
+    )
+    ratios = interleaved_speed_ratios(ours, against, rounds, settled={"other": far_from(min_speedup)})
+    throughput = Spread("relative throughput", ratios["reference"])
+    precision = Spread(f"{dtype_name(dtype)} over {dtype_name(other)}", ratios["other"])
     val = result["reports"]["metrics.json"]["val"]
     result["metrics"] = {
         "bits_per_character": val["bits_per_character"],

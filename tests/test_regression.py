@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -81,7 +82,8 @@ def test_the_precision_check_fails_when_the_picked_precision_trains_slower():
         step()
         step()
 
-    spread = Spread("bfloat16 over float32", interleaved_speed_ratios(slower, step, rounds=6, warmup=1))
+    ratios = interleaved_speed_ratios(slower, {"float32": step}, rounds=6, warmup=1)["float32"]
+    spread = Spread("bfloat16 over float32", ratios)
     assert 0.3 < spread.median < 0.8
     row = precision_row(torch.bfloat16, torch.float32, spread, min_speedup=0.95)
     assert not row.ok
@@ -103,9 +105,11 @@ def test_the_timing_stops_early_only_when_far_from_the_threshold():
     def sleeper(seconds: float) -> Callable[[], None]:
         return lambda: time.sleep(seconds)
 
-    # A step four times as slow as the other is settled after 10 rounds; two steps alike run every round.
-    assert len(interleaved_speed_ratios(sleeper(0.008), sleeper(0.002), 30, 0, settled)) == 10
-    assert len(interleaved_speed_ratios(sleeper(0.002), sleeper(0.002), 30, 0, settled)) == 30
+    # A step four times as slow as the timed one leaves the rounds after 10; one alike stays for every round.
+    against = {"slower": sleeper(0.008), "alike": sleeper(0.002)}
+    ratios = interleaved_speed_ratios(sleeper(0.002), against, 30, 0, {"slower": settled, "alike": settled})
+    assert len(ratios["slower"]) == 10 and len(ratios["alike"]) == 30
+    assert min(ratios["slower"]) > 2 and 0.5 < statistics.median(ratios["alike"]) < 2
 
 
 def test_stale_lock_ignores_missing_outputs_but_not_changed_code_or_params():
