@@ -59,16 +59,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first, so that no worker starts a long one when the others have finished; SAME_WORKER's modules
-    among them, in their own order. Tests that run alone last: one that comes up earlier holds every worker back
-    until the tests already running end (measured: 140 worker-seconds of a 12-minute run), at the end only the
-    last ones."""
-
-    def order(item: pytest.Item) -> int:
-        if item.get_closest_marker("alone"):
-            return 2
-        return 0 if item.get_closest_marker("slow") or item.path.name in SAME_WORKER else 1
-
-    items.sort(key=order)
+    among them, in their own order."""
+    items.sort(key=lambda item: not (item.get_closest_marker("slow") or item.path.name in SAME_WORKER))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -213,10 +213,10 @@ def test_expert_balance_measures_the_evaluate_stages_maxvio_and_sees_dropout(com
     assert len(rows) == 6 and markdown_tables(result.stdout)[0][0] == list(rows[0])
 
 
-@pytest.mark.alone  # its trainings size their thread pools from the machine's load
 def test_busy_machine_trains_alone_and_beside_a_busy_loop_with_each_thread_setting(command, tmp_path):
     """Four trainings in fresh processes, three beside a one-core busy loop: train.threads 0 (the default), then every
-    core, then all but one, fixed; a fixed setting is the pool each of its steps used."""
+    core, then all but one, fixed; a fixed setting is the pool each of its steps used. (Nothing asserted depends on
+    what else runs: the pools that train.threads 0 picks, and the speeds, are the measurement, not checked.)"""
     from benchmarks.busy_machine import COLUMNS
     from deepseek.cpu import machine_cores
 
