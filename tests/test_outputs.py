@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,7 @@ def test_a_second_training_on_the_same_folder_is_refused_and_a_dead_ones_lock_is
     try:
         while not list_checkpoints(path / "model" / "checkpoints"):
             assert first.poll() is None, first.stdout.read()
+            time.sleep(0.05)  # not a spin: the training waited on needs the core
         shutil.copy(path / "params.yaml", path / "params.first.yaml")
         (path / "params.yaml").write_text((path / "params.yaml").read_text().replace("lr: 0.003", "lr: 0.001"))
         second = subprocess.run(
