@@ -144,6 +144,7 @@ def interleaved_speed_ratios(
     Load from other processes slows the steps of a round alike, so it cancels in the round's ratios; the median
     over rounds is robust to the rounds it does not. One round times step once for all its comparisons.
     """
+    settled = settled or {}
     for _ in range(warmup):
         for run in (step, *against.values()):
             run()
@@ -157,7 +158,7 @@ def interleaved_speed_ratios(
             seconds[name] = time.perf_counter() - start
         for name in list(timed):
             ratios[name].append(seconds[name] / seconds["step"])
-            if settled and name in settled and settled[name](ratios[name]):
+            if name in settled and settled[name](ratios[name]):
                 del timed[name]
         if not timed:
             break
