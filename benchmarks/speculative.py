@@ -196,7 +196,7 @@ def main(
         theirs.eval()
         ours.to(device=device, dtype=dtype).eval()
         texts = load_params().sample.prompts
-        prompts = [torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]], device=device) for t in texts]
+        prompts = [torch.tensor([tokenizer.encode(t)], device=device) for t in texts]
         generate(ours, prompts[0], 4, temperature=0, speculative=True)  # first-call allocations
         tables = {"decoding": decode_rows(ours, theirs, prompts, new_tokens, repeats)}
         print_table(

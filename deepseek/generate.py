@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -14,8 +14,16 @@ from deepseek.model import DeepSeekLM, ModelOutput
 from deepseek.sampling import sample_next
 from deepseek.speculative import Sampling, SpeculativeStats, stream_speculative
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+
+class TextTokenizer(Protocol):
+    """What generating text needs of a tokenizer (stages.tokenizer.SavedTokenizer is one)."""
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    def encode(self, text: str) -> list[int]: ...  # without added special tokens
+
+    def decode(self, ids: list[int]) -> str: ...
 
 
 def generate(
@@ -141,30 +149,30 @@ def check_speculative(model: DeepSeekLM, prompt: torch.Tensor) -> None:
 
 
 def stream_text(
-    model: DeepSeekLM, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int, **sampling: Any
+    model: DeepSeekLM, tokenizer: TextTokenizer, prompt: str, max_new_tokens: int, **sampling: Any
 ) -> Iterator[str]:
     """The prompt, then its continuation piece by piece as it is generated; stops at the end-of-text token.
 
     sampling: stream's temperature, top_k, top_p and generator. A piece is held back while it ends inside a
     character (byte-level tokens can split one), so that what is printed never changes afterwards.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer.encode(prompt)
     ids, shown = list(prompt_ids), ""
     for token in stream(
         model, torch.tensor([prompt_ids]), max_new_tokens, eos_token_id=tokenizer.eos_token_id, **sampling
     ):
         ids.append(int(token))
-        text = str(tokenizer.decode(ids))
+        text = tokenizer.decode(ids)
         if not text.endswith("\ufffd"):
             yield text[len(shown) :]
             shown = text
-    text = str(tokenizer.decode(ids))
+    text = tokenizer.decode(ids)
     if text != shown:
         yield text[len(shown) :]
 
 
 def generate_text(
-    model: DeepSeekLM, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int, **sampling: Any
+    model: DeepSeekLM, tokenizer: TextTokenizer, prompt: str, max_new_tokens: int, **sampling: Any
 ) -> str:
     """prompt and its continuation as text; generation stops early at the tokenizer's end-of-text token."""
     return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, **sampling))

@@ -37,7 +37,7 @@ class Sample(_Drafted):
 @report_user_errors
 def sample(params_path: str, model_dir: Path, reports_dir: Path) -> None:
     """Generate a continuation of every prompt in params.yaml `sample.prompts`."""
-    # Imported here, not for `--help`: torch and transformers take seconds to load.
+    # Imported here, not for `--help`: torch takes seconds to load.
     import torch
 
     from deepseek.generate import generate_text

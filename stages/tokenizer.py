@@ -1,6 +1,7 @@
 """Tokenizers (char, byte-level BPE, pretrained) and the flat token files that training reads.
 
-Every kind is saved with `save_pretrained`, so `transformers.AutoTokenizer.from_pretrained(dir)` loads it.
+Every kind is saved with `save_pretrained`, so `transformers.AutoTokenizer.from_pretrained(dir)` loads it; the
+pipeline itself reads the saved folder with `tokenizers` alone (SavedTokenizer), which gives the same ids and text.
 Token ids of each split are raw little-endian binaries (`train.bin`, `val.bin`) that `np.memmap` opens
 without reading them, described by `meta.json`.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -32,9 +34,10 @@ TOKENIZER_DIR = "data/tokenizer"
 TOKENS_DIR = "data/tokens"
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"  # written by save_pretrained for every kind
+_CONFIG_FILE = "tokenizer_config.json"  # and this, with the special tokens
 TOKENIZER_KIND = DirectoryKind(
     "deepseek tokenize (tokenizer)",
-    frozenset({TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}),
+    frozenset({TOKENIZER_FILE, _CONFIG_FILE, "special_tokens_map.json", "chat_template.jinja"}),
     TOKENIZER_FILE,
 )
 TOKENS_KIND = DirectoryKind("deepseek tokenize (tokens)", frozenset({"train.bin", "val.bin", META_FILE}), META_FILE)
@@ -86,7 +89,7 @@ def tokenize_corpus(
         built.save_pretrained(staging)
         # Encode with the tokenizer as saved, so the ids are what AutoTokenizer.from_pretrained(dir) gives.
         tokenizer = load_tokenizer(staging)
-        train_ids, val_ids = encode_corpus(tokenizer, train_text), encode_corpus(tokenizer, val_text)
+        train_ids, val_ids = encode_corpus(tokenizer.backend, train_text), encode_corpus(tokenizer.backend, val_text)
         return write_tokens(tokens_dir, tokenizer, train_ids, val_ids, stats, kind=params.kind, inputs=tokens_inputs)
 
 
@@ -164,7 +167,8 @@ def _pretrained_tokenizer(name: str) -> PreTrainedTokenizerFast:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        # Decoding is lossless, as for the other kinds: see _wrap. (transformers 5 leaves a BPE's spaces alone anyway.)
+        tokenizer = AutoTokenizer.from_pretrained(name, clean_up_tokenization_spaces=False)
     except Exception as error:  # offline, unknown id, gated repo, bad files: all the user's to fix
         raise UserError(
             f"could not load tokenizer {name!r} ({first_line(error)}): check the name and your "
@@ -185,20 +189,42 @@ def check_vocabulary(token_ids: int, model_vocab: int, source: str) -> None:
         )
 
 
-def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
-    """The tokenizer that the tokenize stage saved in directory."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+@dataclass(frozen=True)
+class SavedTokenizer:
+    """A tokenizer folder as the tokenize stage saved it, read with `tokenizers` alone: importing transformers
+    costs every training, sampling and generating process about a second (1.1 s on a two-core AMD EPYC). Text
+    becomes ids without added special tokens and ids become text, as transformers' AutoTokenizer of the same
+    folder does it (tests/test_tokenize.py compares them for every kind)."""
 
+    backend: Tokenizer
+    eos_token_id: int | None
+
+    def __len__(self) -> int:  # the ids it can give, added tokens included, as len() of transformers' tokenizer
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.backend.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.backend.decode(list(ids), skip_special_tokens=False))
+
+
+def load_tokenizer(directory: str | Path) -> SavedTokenizer:
+    """The tokenizer that the tokenize stage saved in directory."""
     directory = Path(directory)
     if not (directory / TOKENIZER_FILE).is_file():
         raise UserError(f"no tokenizer in {directory}: {RERUN}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except Exception as error:  # truncated or hand-edited files
+        backend = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        config = json.loads((directory / _CONFIG_FILE).read_text(encoding="utf-8"))
+    except Exception as error:  # truncated, hand-edited or missing files
         raise UserError(f"tokenizer in {directory} is unreadable ({first_line(error)}): {RERUN}") from None
-    if not isinstance(tokenizer, PreTrainedTokenizerFast):
-        raise UserError(f"tokenizer in {directory} did not load as a fast tokenizer: {RERUN}")
-    return tokenizer
+    if config.get("clean_up_tokenization_spaces"):
+        # transformers would then drop spaces before punctuation when decoding; this stage saves none so.
+        raise UserError(f"tokenizer in {directory} was saved to clean up spaces when decoding: {RERUN}")
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos  # older transformers saved an AddedToken's fields
+    return SavedTokenizer(backend, None if eos is None else backend.token_to_id(eos))
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -220,18 +246,17 @@ def split_text(text: str, chunk_chars: int = _CHUNK_CHARS) -> list[str]:
     return chunks
 
 
-def encode_corpus(tokenizer: PreTrainedTokenizerFast, text: str, chunk_chars: int = _CHUNK_CHARS) -> np.ndarray:
-    """Ids of text without added special tokens, as token_dtype(len(tokenizer)).
+def encode_corpus(backend: Tokenizer, text: str, chunk_chars: int = _CHUNK_CHARS) -> np.ndarray:
+    """Ids of text without added special tokens, as the token_dtype of backend's vocabulary.
 
     Chunks are batch-encoded in parallel by the Rust tokenizer. Tokenizers whose ids change at a chunk boundary
     (SentencePiece-style ones that mark the start of each input, regexes that glue punctuation to "\n") are
     caught on a probe of the text and encode it in one piece instead: slower, never different.
     """
-    backend = tokenizer.backend_tokenizer
     chunks = split_text(text, chunk_chars)
     if len(chunks) > 1 and not _chunking_is_exact(backend, text[:_PROBE_CHARS]):
         chunks = [text]
-    dtype = token_dtype(len(tokenizer))
+    dtype = token_dtype(backend.get_vocab_size(with_added_tokens=True))
     encodings = backend.encode_batch_fast(chunks, add_special_tokens=False)
     pieces = [np.asarray(encoding.ids, dtype=dtype) for encoding in encodings]
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
@@ -246,7 +271,7 @@ def _chunking_is_exact(backend: Tokenizer, probe: str) -> bool:
 
 def write_tokens(
     out_dir: str | Path,
-    tokenizer: PreTrainedTokenizerFast,
+    tokenizer: SavedTokenizer,
     train_ids: np.ndarray,
     val_ids: np.ndarray,
     stats: Mapping[str, Any],

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
-
 from deepseek.checkpoint import TOKENIZER, load_model
 from deepseek.model import DeepSeekLM
-from stages.tokenizer import check_vocabulary, load_tokenizer
+from stages.tokenizer import SavedTokenizer, check_vocabulary, load_tokenizer
 
 
-def load_trained(model_dir: str | Path) -> tuple[DeepSeekLM, PreTrainedTokenizerFast]:
+def load_trained(model_dir: str | Path) -> tuple[DeepSeekLM, SavedTokenizer]:
     """The model and its tokenizer, refusing a tokenizer with more ids than the model has embeddings for."""
     model_dir = Path(model_dir)
     model = load_model(model_dir)

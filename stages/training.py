@@ -15,7 +15,6 @@ from typing import Any
 
 import click
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from deepseek import distributed
 from deepseek.checkpoint import (
@@ -50,7 +49,7 @@ from stages import environment, tracking
 from stages.options import TRAIN_LOG, VAL_LOG
 from stages.params import DataParams, Params, SampleParams, load_params
 from stages.stage_code import code_version
-from stages.tokenizer import load_meta, load_tokenizer, load_tokens
+from stages.tokenizer import SavedTokenizer, load_meta, load_tokenizer, load_tokens
 
 
 def run_training(
@@ -142,11 +141,11 @@ def _fit(trainer: Trainer, run: tracking.Run, tokens_dir: Path) -> FitMetrics:
         raise
 
 
-def _sampler(sample: SampleParams, tokenizer: PreTrainedTokenizerBase) -> Sampler:
+def _sampler(sample: SampleParams, tokenizer: SavedTokenizer) -> Sampler:
     """Training's periodic sample: the first of the sample stage's prompts, with its settings."""
     return Sampler(
-        encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-        decode=lambda ids: str(tokenizer.decode(ids)),
+        encode=tokenizer.encode,
+        decode=tokenizer.decode,
         prompt=sample.prompts[0],
         max_new_tokens=sample.max_new_tokens,
         temperature=sample.temperature,

@@ -182,7 +182,7 @@ def test_expert_balance_measures_the_evaluate_stages_maxvio_and_sees_dropout(com
     bias that favours one expert shows in every row; dropout changes the routing of the same text."""
     from benchmarks.expert_balance import main
     from deepseek.evaluation import evaluate
-    from stages.tokenizer import write_tokens
+    from stages.tokenizer import load_tokenizer, write_tokens
 
     assert command("expert_balance") is main
     tokenizer = build_tokenizer(TokenizerParams(kind="bpe", vocab_size=300), tiny_corpus())
@@ -192,7 +192,7 @@ def test_expert_balance_measures_the_evaluate_stages_maxvio_and_sees_dropout(com
     save_model(model, tmp_path / "model", tmp_path / "tok")
     ids = np.random.default_rng(0).integers(0, 300, size=3000)
     stats = {"train_characters": 6000, "val_characters": 2000}
-    write_tokens(tmp_path / "tokens", tokenizer, ids[:2000], ids[2000:], stats, "bpe")
+    write_tokens(tmp_path / "tokens", load_tokenizer(tmp_path / "tok"), ids[:2000], ids[2000:], stats, "bpe")
 
     out = tmp_path / "expert_balance.json"
     args = ["--model-dir", str(tmp_path / "model"), "--tokens-dir", str(tmp_path / "tokens"), "--seq-len", "32"]

@@ -182,3 +182,19 @@ def test_text_is_streamed_as_it_is_generated(model_with_tokenizer):
     rest = list(pieces)
     assert len(rest) > 5 and len(forwards) >= 20
     assert first + "".join(rest) == generate_text(model, tokenizer, "ROMEO:", 30, temperature=0)
+
+
+def test_generating_training_and_sampling_load_no_transformers(model_with_tokenizer):
+    """They read the tokenizer with `tokenizers` alone: importing transformers would cost each process about a
+    second (stages.tokenizer.SavedTokenizer)."""
+    code = """
+import sys
+from click.testing import CliRunner
+import stages.cli, stages.training, stages.sample
+result = CliRunner().invoke(stages.cli.main, ["generate", "ROMEO:", "--model", sys.argv[1], "--max-new-tokens", "5"])
+assert result.exit_code == 0 and result.output.startswith("ROMEO:"), result.output
+print(sorted(name for name in sys.modules if name.split(".")[0] == "transformers"))
+"""
+    result = subprocess.run([sys.executable, "-c", code, str(model_with_tokenizer)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"

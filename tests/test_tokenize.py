@@ -10,7 +10,7 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 import stages.tokenizer as tk
@@ -101,7 +101,7 @@ def test_char_stage_writes_what_the_saved_tokenizer_gives(tmp_path):
             assert tokens.dtype == np.uint16
             assert tokens.tolist() == ids(saved, text)
     raw = np.fromfile(tmp_path / "tokens" / "val.bin", dtype="<u2")  # the file is plain ids, nothing else
-    assert raw.tolist() == ids(tk.load_tokenizer(tmp_path / "tokenizer"), CHAR_VAL)
+    assert raw.tolist() == tk.load_tokenizer(tmp_path / "tokenizer").encode(CHAR_VAL)
 
 
 def test_bpe_trains_to_vocab_size_and_round_trips(bpe, bpe_text):
@@ -123,6 +123,46 @@ def test_bpe_stage_saved_tokenizer_gives_identical_ids(tmp_path, bpe, bpe_text):
     assert saved.decode(tk.load_tokens(tmp_path / "tokens", "val").tolist()) == val
 
 
+def wordpiece_stand_in(directory: Path) -> Path:
+    """A hub tokenizer whose decode transformers cleans up (WordPiece, clean_up_tokenization_spaces on, as BERT's)."""
+    vocab = {token: i for i, token in enumerate(["[UNK]", "[SEP]", "fair", "moon", ".", "?", "don", "'", "t", "##s"])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[SEP]")
+    tokenizer.save_pretrained(directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps(config | {"clean_up_tokenization_spaces": True}))
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "pretrained bpe", "pretrained wordpiece"])
+def test_the_pipeline_reads_a_saved_tokenizer_as_transformers_does(tmp_path, kind, bpe, bpe_text):
+    """load_tokenizer reads the stage's folder with `tokenizers` alone: the same ids, text (of every prefix, as
+    streaming decodes them), size and end-of-text id as transformers' AutoTokenizer of that folder."""
+    if kind == "pretrained bpe":
+        bpe.save_pretrained(tmp_path / "hub")
+    elif kind == "pretrained wordpiece":
+        assert AutoTokenizer.from_pretrained(wordpiece_stand_in(tmp_path / "hub")).decode([2, 4]) == "fair."  # cleaned
+    params = TokenizerParams(kind=kind.split()[0], vocab_size=400, pretrained=str(tmp_path / "hub"))
+    run_stage(tmp_path, params, CHAR_TRAIN if kind == "char" else bpe_text[:20_000], TRICKY)
+    ours, theirs = tk.load_tokenizer(tmp_path / "tokenizer"), AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    text = f"fair moon . don't ? {TRICKY} 日本語 🙂 {tk.EOS}[SEP]"
+    encoded = ours.encode(text)
+    assert encoded == theirs(text, add_special_tokens=False)["input_ids"] and len(set(encoded)) > 5
+    assert [ours.decode(encoded[:n]) for n in range(len(encoded) + 1)] == [
+        theirs.decode(encoded[:n]) for n in range(len(encoded) + 1)
+    ]
+    assert (len(ours), ours.eos_token_id) == (len(theirs), theirs.eos_token_id)
+    assert ours.eos_token_id == {"char": None, "pretrained wordpiece": 1}.get(kind, bpe.eos_token_id)
+
+
+def test_a_tokenizer_saved_to_clean_up_decoded_spaces_is_refused(tmp_path):
+    """transformers would decode its text otherwise than load_tokenizer does; the stage never saves one so."""
+    with pytest.raises(UserError, match="saved to clean up spaces when decoding: run the tokenize stage"):
+        tk.load_tokenizer(wordpiece_stand_in(tmp_path / "hub"))
+
+
 def test_chunks_encode_like_the_whole_text(bpe, bpe_text):
     text = (TRICKY + "\n") * 30 + bpe_text[:3000]
     whole = bpe.backend_tokenizer.encode(text, add_special_tokens=False).ids
@@ -132,7 +172,7 @@ def test_chunks_encode_like_the_whole_text(bpe, bpe_text):
     chunks = tk.split_text(text, 8)
     assert "".join(chunks) == text and len(chunks) > 100
     assert [i for chunk in chunks for i in ids(bpe, chunk)] == whole
-    assert tk.encode_corpus(bpe, text, chunk_chars=8).tolist() == whole
+    assert tk.encode_corpus(bpe.backend_tokenizer, text, chunk_chars=8).tolist() == whole
 
 
 def test_tokenizer_that_is_not_chunk_safe_encodes_the_whole_text():
@@ -143,11 +183,10 @@ def test_tokenizer_that_is_not_chunk_safe_encodes_the_whole_text():
     backend.train_from_iterator(
         [text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False)
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     whole = backend.encode(text, add_special_tokens=False).ids
     chunks = tk.split_text(text, 64)
     assert [i for chunk in chunks for i in backend.encode(chunk, add_special_tokens=False).ids] != whole
-    assert tk.encode_corpus(tokenizer, text, chunk_chars=64).tolist() == whole
+    assert tk.encode_corpus(backend, text, chunk_chars=64).tolist() == whole
 
 
 def test_pretrained_from_a_local_directory(tmp_path, bpe, bpe_text):
@@ -281,7 +320,7 @@ def test_cli_tokenizes_and_summarises(tmp_path):
 def test_real_corpus_round_trips(kind):
     text = REAL_CORPUS.read_bytes().decode("utf-8")
     tokenizer = tk.build_tokenizer(TokenizerParams(kind=kind, vocab_size=1024), text)
-    encoded = tk.encode_corpus(tokenizer, text)
+    encoded = tk.encode_corpus(tokenizer.backend_tokenizer, text)
     assert encoded.tolist() == tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
     assert tokenizer.decode(encoded.tolist()) == text
     assert len(tokenizer) == {"char": 66, "bpe": 1024}[kind]
