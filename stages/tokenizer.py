@@ -89,7 +89,7 @@ def tokenize_corpus(
         built.save_pretrained(staging)
         # Encode with the tokenizer as saved, so the ids are what AutoTokenizer.from_pretrained(dir) gives.
         tokenizer = load_tokenizer(staging)
-        train_ids, val_ids = encode_corpus(tokenizer.backend, train_text), encode_corpus(tokenizer.backend, val_text)
+        train_ids, val_ids = encode_corpus(tokenizer, train_text), encode_corpus(tokenizer, val_text)
         return write_tokens(tokens_dir, tokenizer, train_ids, val_ids, stats, kind=params.kind, inputs=tokens_inputs)
 
 
@@ -200,13 +200,13 @@ class SavedTokenizer:
     eos_token_id: int | None
 
     def __len__(self) -> int:  # the ids it can give, added tokens included, as len() of transformers' tokenizer
-        return int(self.backend.get_vocab_size(with_added_tokens=True))
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.backend.encode(text, add_special_tokens=False).ids)
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return str(self.backend.decode(list(ids), skip_special_tokens=False))
+        return self.backend.decode(ids, skip_special_tokens=False)
 
 
 def load_tokenizer(directory: str | Path) -> SavedTokenizer:
@@ -246,17 +246,18 @@ def split_text(text: str, chunk_chars: int = _CHUNK_CHARS) -> list[str]:
     return chunks
 
 
-def encode_corpus(backend: Tokenizer, text: str, chunk_chars: int = _CHUNK_CHARS) -> np.ndarray:
-    """Ids of text without added special tokens, as the token_dtype of backend's vocabulary.
+def encode_corpus(tokenizer: SavedTokenizer, text: str, chunk_chars: int = _CHUNK_CHARS) -> np.ndarray:
+    """Ids of text without added special tokens, as token_dtype(len(tokenizer)).
 
     Chunks are batch-encoded in parallel by the Rust tokenizer. Tokenizers whose ids change at a chunk boundary
     (SentencePiece-style ones that mark the start of each input, regexes that glue punctuation to "\n") are
     caught on a probe of the text and encode it in one piece instead: slower, never different.
     """
+    backend = tokenizer.backend
     chunks = split_text(text, chunk_chars)
     if len(chunks) > 1 and not _chunking_is_exact(backend, text[:_PROBE_CHARS]):
         chunks = [text]
-    dtype = token_dtype(backend.get_vocab_size(with_added_tokens=True))
+    dtype = token_dtype(len(tokenizer))
     encodings = backend.encode_batch_fast(chunks, add_special_tokens=False)
     pieces = [np.asarray(encoding.ids, dtype=dtype) for encoding in encodings]
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)

@@ -172,7 +172,7 @@ def test_chunks_encode_like_the_whole_text(bpe, bpe_text):
     chunks = tk.split_text(text, 8)
     assert "".join(chunks) == text and len(chunks) > 100
     assert [i for chunk in chunks for i in ids(bpe, chunk)] == whole
-    assert tk.encode_corpus(bpe.backend_tokenizer, text, chunk_chars=8).tolist() == whole
+    assert tk.encode_corpus(tk.SavedTokenizer(bpe.backend_tokenizer, None), text, chunk_chars=8).tolist() == whole
 
 
 def test_tokenizer_that_is_not_chunk_safe_encodes_the_whole_text():
@@ -186,7 +186,7 @@ def test_tokenizer_that_is_not_chunk_safe_encodes_the_whole_text():
     whole = backend.encode(text, add_special_tokens=False).ids
     chunks = tk.split_text(text, 64)
     assert [i for chunk in chunks for i in backend.encode(chunk, add_special_tokens=False).ids] != whole
-    assert tk.encode_corpus(backend, text, chunk_chars=64).tolist() == whole
+    assert tk.encode_corpus(tk.SavedTokenizer(backend, None), text, chunk_chars=64).tolist() == whole
 
 
 def test_pretrained_from_a_local_directory(tmp_path, bpe, bpe_text):
@@ -320,7 +320,7 @@ def test_cli_tokenizes_and_summarises(tmp_path):
 def test_real_corpus_round_trips(kind):
     text = REAL_CORPUS.read_bytes().decode("utf-8")
     tokenizer = tk.build_tokenizer(TokenizerParams(kind=kind, vocab_size=1024), text)
-    encoded = tk.encode_corpus(tokenizer.backend_tokenizer, text)
+    encoded = tk.encode_corpus(tk.SavedTokenizer(tokenizer.backend_tokenizer, None), text)
     assert encoded.tolist() == tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
     assert tokenizer.decode(encoded.tolist()) == text
     assert len(tokenizer) == {"char": 66, "bpe": 1024}[kind]
